@@ -1,0 +1,39 @@
+# Two commands: `make demo` and `make test`. Both install what is missing first, and both are
+# idempotent: a second run reinstalls nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export MAINTCTL_TEST_PG_URL ?= postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl
+
+.PHONY: demo test lint typecheck host testbed venv clean
+
+host:
+	@deploy/install-debian.sh
+
+testbed:
+	@tests/bed-up.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --upgrade pip
+	@$(VENV)/bin/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+demo: testbed venv
+	@$(VENV)/bin/python -m deploy.demo
+
+lint: venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	@$(VENV)/bin/mypy controller api cli
+
+test: testbed venv lint typecheck
+	@$(VENV)/bin/pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) maintctl.db*

@@ -1,0 +1,37 @@
+"""record_event(): the append-only event log, written in the caller's transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from controller.models import Event, utcnow
+
+MAX_MESSAGE = 4000
+
+
+def record_event(
+    session: Session,
+    kind: str,
+    message: str = "",
+    *,
+    job_id: int | None = None,
+    host: str | None = None,
+    guest: str | None = None,
+    actor: str = "controller",
+    **details: Any,
+) -> Event:
+    """Add an event to the session: it commits with the state change it describes, or not at all."""
+    event = Event(
+        at=utcnow(),
+        kind=kind,
+        job_id=job_id,
+        host=host,
+        guest=guest,
+        actor=actor,
+        message=message[:MAX_MESSAGE],
+        details=details,
+    )
+    session.add(event)
+    return event

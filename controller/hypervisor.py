@@ -1,0 +1,95 @@
+"""The Hypervisor protocol: what the engine needs from a host, and the values it returns.
+
+libvirt_host.py is the real implementation. Each method is one hypervisor call, so the engine
+decides the order and the concurrency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+# The maintctl XML namespace for per-domain settings kept in libvirt domain metadata, e.g.
+# <maintctl:maintenance xmlns:maintctl="https://maintctl.dev/xmlns/1" optout="yes"/>
+METADATA_NAMESPACE = "https://maintctl.dev/xmlns/1"
+METADATA_KEY = "maintctl"
+
+
+class GuestState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    uuid: str
+    name: str
+    state: GuestState
+    # libvirt's reason for the state, e.g. "user" or "ioerror" for paused.
+    reason: str
+    # The type of an active libvirt job (backup, migration, ...), or None.
+    active_job: str | None = None
+    opted_out: bool = False
+
+    @property
+    def paused_by_user(self) -> bool:
+        """Paused through the API (virDomainSuspend), as we pause; not by an I/O error."""
+        return self.state is GuestState.PAUSED and self.reason == "user"
+
+
+class Hypervisor(Protocol):
+    uri: str
+
+    def ping(self) -> None:
+        """Raise HostUnavailable unless the host answers."""
+
+    def list_guests(self) -> list[GuestInfo]: ...
+
+    def guest(self, uuid: str) -> GuestInfo:
+        """Raise GuestNotFound if the host has no such guest."""
+
+    def suspend(self, uuid: str) -> bool:
+        """Pause with RAM resident; False (and nothing done) if the guest was not running."""
+
+    def resume(self, uuid: str) -> bool:
+        """Resume; False (and nothing done) if the guest was not paused."""
+
+    def set_agent_timeout(self, uuid: str, seconds: int) -> None:
+        """Bound every later agent call (libvirt waits forever by default)."""
+
+    def set_time(self, uuid: str, epoch_ns: int) -> None:
+        """Set the guest clock through the agent to an explicit time."""
+
+    def sync_time_from_rtc(self, uuid: str) -> None:
+        """Ask the agent to reload the guest clock from its RTC (1 s resolution)."""
+
+    def guest_time_ns(self, uuid: str) -> int:
+        """Read the guest clock through the agent."""
+
+    def close(self) -> None: ...
+
+
+class HypervisorPool:
+    """One Hypervisor per URI, shared by every thread of the process."""
+
+    def __init__(self, factory: Callable[[str], Hypervisor]) -> None:
+        self._hosts: dict[str, Hypervisor] = {}
+        self._factory = factory
+        self._lock = threading.Lock()
+
+    def get(self, uri: str) -> Hypervisor:
+        with self._lock:
+            if uri not in self._hosts:
+                self._hosts[uri] = self._factory(uri)
+            return self._hosts[uri]
+
+    def close(self) -> None:
+        with self._lock:
+            for host in self._hosts.values():
+                host.close()
+            self._hosts.clear()

@@ -1,0 +1,214 @@
+"""The only module that imports libvirt. Every libvirtError is translated in _translate()."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+from xml.etree import ElementTree
+
+import libvirt
+
+from controller.errors import (
+    AgentUnavailable,
+    GuestNotFound,
+    HostUnavailable,
+    HypervisorError,
+    Unsupported,
+)
+from controller.hypervisor import METADATA_NAMESPACE, GuestInfo, GuestState
+
+T = TypeVar("T")
+
+# libvirt prints every error to stderr unless a handler is registered; we raise them instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def _constant_names(prefix: str) -> dict[int, str]:
+    return {
+        getattr(libvirt, n): n.removeprefix(prefix).lower()
+        for n in dir(libvirt)
+        if n.startswith(prefix) and not n.endswith("_LAST")
+    }
+
+
+_PAUSED_REASONS = _constant_names("VIR_DOMAIN_PAUSED_")
+_RUNNING_REASONS = _constant_names("VIR_DOMAIN_RUNNING_")
+_SHUTOFF_REASONS = _constant_names("VIR_DOMAIN_SHUTOFF_")
+_JOB_TYPES = _constant_names("VIR_DOMAIN_JOB_")
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: GuestState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: GuestState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: GuestState.SHUTOFF,
+}
+_REASONS = {
+    GuestState.RUNNING: _RUNNING_REASONS,
+    GuestState.PAUSED: _PAUSED_REASONS,
+    GuestState.SHUTOFF: _SHUTOFF_REASONS,
+}
+_UNSUPPORTED = {
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+}
+_AGENT_DOWN = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_TIMEOUT}
+_HOST_DOWN = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+
+
+def _translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
+    """All libvirt error handling happens here."""
+    code = exc.get_error_code()
+    message = f"{what}: {exc.get_error_message() or exc}"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return GuestNotFound(message, code=code)
+    if code in _AGENT_DOWN:
+        return AgentUnavailable(message, code=code)
+    if code in _UNSUPPORTED or "not currently supported" in message:
+        return Unsupported(message, code=code)
+    if code in _HOST_DOWN:
+        return HostUnavailable(message, code=code)
+    return HypervisorError(message, code=code)
+
+
+@contextmanager
+def _libvirt_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise _translate(exc, what) from None
+
+
+class LibvirtHost:
+    """One libvirt connection per host, opened lazily under a lock and re-tested before use."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+
+    def _connection(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HostUnavailable(
+                    f"cannot connect to {self.uri}: {exc.get_error_message() or exc}",
+                    code=exc.get_error_code(),
+                ) from None
+            return self._conn
+
+    def _domain(self, uuid: str) -> libvirt.virDomain:
+        with _libvirt_errors(f"guest {uuid} on {self.uri}"):
+            return self._connection().lookupByUUIDString(uuid)
+
+    def _call(self, uuid: str, what: str, fn: Callable[[libvirt.virDomain], T]) -> T:
+        dom = self._domain(uuid)
+        with _libvirt_errors(f"{what} {dom.name()} on {self.uri}"):
+            return fn(dom)
+
+    def ping(self) -> None:
+        with _libvirt_errors(f"ping {self.uri}"):
+            self._connection().getLibVersion()
+
+    def list_guests(self) -> list[GuestInfo]:
+        with _libvirt_errors(f"list guests on {self.uri}"):
+            domains = self._connection().listAllDomains(0)
+        guests = []
+        for dom in domains:
+            try:
+                guests.append(self._info(dom))
+            except GuestNotFound:
+                continue  # undefined between the listing and the lookup
+        return guests
+
+    def guest(self, uuid: str) -> GuestInfo:
+        return self._info(self._domain(uuid))
+
+    def _info(self, dom: libvirt.virDomain) -> GuestInfo:
+        with _libvirt_errors(f"inspect guest on {self.uri}"):
+            code, reason_code = dom.state()
+            state = _STATES.get(code, GuestState.OTHER)
+            reason = _REASONS.get(state, {}).get(reason_code, str(reason_code))
+            return GuestInfo(
+                uuid=dom.UUIDString(),
+                name=dom.name(),
+                state=state,
+                reason=reason,
+                active_job=self._active_job(dom) if state is not GuestState.SHUTOFF else None,
+                opted_out=self._opted_out(dom),
+            )
+
+    @staticmethod
+    def _active_job(dom: libvirt.virDomain) -> str | None:
+        try:
+            job_type = dom.jobInfo()[0]
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _UNSUPPORTED:
+                return None  # e.g. the test driver: it has no jobs to report
+            raise
+        return None if job_type == libvirt.VIR_DOMAIN_JOB_NONE else _JOB_TYPES.get(job_type, "job")
+
+    @staticmethod
+    def _opted_out(dom: libvirt.virDomain) -> bool:
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NAMESPACE, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return False
+            raise
+        try:
+            # Our own element, read back from libvirt; it has no DTD or entities to expand.
+            element = ElementTree.fromstring(xml)  # noqa: S314
+        except ElementTree.ParseError:
+            return False
+        return element.get("optout", "").lower() in {"yes", "true", "1"}
+
+    def suspend(self, uuid: str) -> bool:
+        def _suspend(dom: libvirt.virDomain) -> bool:
+            if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                return False
+            dom.suspend()  # virDomainSuspend: vCPUs stop, RAM stays resident
+            return True
+
+        return self._call(uuid, "suspend", _suspend)
+
+    def resume(self, uuid: str) -> bool:
+        def _resume(dom: libvirt.virDomain) -> bool:
+            if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+                return False
+            dom.resume()
+            return True
+
+        return self._call(uuid, "resume", _resume)
+
+    def set_agent_timeout(self, uuid: str, seconds: int) -> None:
+        self._call(uuid, "set agent timeout", lambda d: d.agentSetResponseTimeout(seconds, 0))
+
+    def set_time(self, uuid: str, epoch_ns: int) -> None:
+        when: dict[str, Any] = {
+            "seconds": epoch_ns // 1_000_000_000,
+            "nseconds": epoch_ns % 1_000_000_000,
+        }
+        self._call(uuid, "set time", lambda d: d.setTime(when, 0))
+
+    def sync_time_from_rtc(self, uuid: str) -> None:
+        self._call(uuid, "sync time", lambda d: d.setTime(None, libvirt.VIR_DOMAIN_TIME_SYNC))
+
+    def guest_time_ns(self, uuid: str) -> int:
+        t = self._call(uuid, "get time", lambda d: d.getTime())
+        return int(t["seconds"]) * 1_000_000_000 + int(t["nseconds"])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None

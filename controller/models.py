@@ -1,0 +1,203 @@
+"""Tables. The schema is created only by Alembic migrations (migrations/), never create_all."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC, returns timezone-aware UTC datetimes on every backend (SQLite has no tz)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    uri: Mapped[str] = mapped_column(String(512))
+    update_domain: Mapped[int] = mapped_column(Integer, default=0)
+    patch_via: Mapped[str] = mapped_column(String(16), default="local")
+    sync_clock: Mapped[bool] = mapped_column(Boolean, default=True)
+    # "config" hosts are rewritten from the config file at start; "api" hosts are managed by admins.
+    source: Mapped[str] = mapped_column(String(16), default="api")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    guests: Mapped[list[Guest]] = relationship(back_populates="host", cascade="all, delete-orphan")
+
+
+class Guest(Base):
+    """The last known view of a guest; libvirt stays the truth."""
+
+    __tablename__ = "guests"
+    __table_args__ = (UniqueConstraint("host_id", "uuid", name="uq_guests_host_uuid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    uuid: Mapped[str] = mapped_column(String(36))
+    name: Mapped[str] = mapped_column(String(255))
+    last_state: Mapped[str] = mapped_column(String(32), default="unknown")
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    host: Mapped[Host] = relationship(back_populates="guests")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_not_before", "state", "not_before"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    state: Mapped[str] = mapped_column(String(32), default="scheduled")
+    reason: Mapped[str | None] = mapped_column(String(64), default=None)
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+    runbook: Mapped[str] = mapped_column(String(63))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    host_names: Mapped[list[Any]] = mapped_column(default=list)
+    exclude_guests: Mapped[list[Any]] = mapped_column(default=list)
+    busy_guests: Mapped[str] = mapped_column(String(16), default="skip")
+    pause_budget_seconds: Mapped[float] = mapped_column(Float)
+    notice_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
+    not_after: Mapped[datetime | None] = mapped_column(default=None)
+    created_by: Mapped[str] = mapped_column(String(63), default="system")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    abort_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Which controller process runs the job, and when it last said so (crash detection).
+    runner_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    guests: Mapped[list[JobGuest]] = relationship(
+        back_populates="job", order_by="JobGuest.id", cascade="all, delete-orphan"
+    )
+
+
+class JobGuest(Base):
+    """One guest's outcome in one job."""
+
+    __tablename__ = "job_guests"
+    __table_args__ = (UniqueConstraint("job_id", "host", "guest_uuid", name="uq_job_guests_key"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(63))
+    guest: Mapped[str] = mapped_column(String(255))
+    guest_uuid: Mapped[str] = mapped_column(String(36))
+    paused_at: Mapped[datetime | None] = mapped_column(default=None)
+    resumed_at: Mapped[datetime | None] = mapped_column(default=None)
+    pause_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    clock_skew_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    sync_method: Mapped[str | None] = mapped_column(String(16), default=None)
+    sync_outcome: Mapped[str | None] = mapped_column(String(32), default=None)
+    skipped_reason: Mapped[str | None] = mapped_column(String(255), default=None)
+    # Set when libvirt would not resume the guest or it paused again on its own.
+    flagged: Mapped[str | None] = mapped_column(String(255), default=None)
+
+    job: Mapped[Job] = relationship(back_populates="guests")
+
+
+class PauseIntent(Base):
+    """Write-ahead record of a guest we are about to pause; resolved once it runs again."""
+
+    __tablename__ = "pause_intents"
+    __table_args__ = (Index("ix_pause_intents_unresolved", "resolved_at"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(63))
+    host_uri: Mapped[str] = mapped_column(String(512))
+    guest: Mapped[str] = mapped_column(String(255))
+    guest_uuid: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+    resolution: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class Event(Base):
+    """Append-only timeline. The id orders events and resumes SSE streams."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(48), index=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True, default=None
+    )
+    host: Mapped[str | None] = mapped_column(String(63), default=None)
+    guest: Mapped[str | None] = mapped_column(String(255), default=None)
+    actor: Mapped[str] = mapped_column(String(63), default="controller")
+    message: Mapped[str] = mapped_column(Text, default="")
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class IdempotencyKey(Base):
+    """Lets CI retry POST /jobs safely; a row without job_id is a request still in flight."""
+
+    __tablename__ = "idempotency_keys"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

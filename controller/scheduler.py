@@ -1,0 +1,221 @@
+"""APScheduler wiring. The database is the source of truth; APScheduler only holds timers.
+
+APScheduler runs with its memory job store: at start, pending jobs are re-armed from our own
+tables. Rule for overlapping jobs: a job whose host is busy with another job waits in `scheduled`
+and starts as soon as the host is free (first come, first served), unless its not_after passes
+first, which ends it `expired`. A job is never refused for overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller import jobs as job_service
+from controller.db import unit_of_work
+from controller.engine import EngineContext, run_job, transition
+from controller.errors import Conflict
+from controller.events import record_event
+from controller.models import Job, utcnow
+from controller.recovery import reconcile
+from controller.runners import runner_alive
+from controller.states import ACTIVE, JobState
+
+log = logging.getLogger(__name__)
+
+LATE_AFTER_SECONDS = 1.0
+SWEEP_SECONDS = 1.0
+
+
+def _timer_id(job_id: int) -> str:
+    return f"job-{job_id}"
+
+
+class MaintenanceScheduler:
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        workers = ctx.settings.maintenance.max_parallel_jobs
+        self._aps = BackgroundScheduler(
+            timezone=UTC,
+            executors={"jobs": APSThreadPool(workers), "housekeeping": APSThreadPool(2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._lock = threading.Lock()
+        self._busy_hosts: set[str] = set()
+        self._waiting_noted: set[int] = set()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        reconcile(ctx=self.ctx)  # guests first: before anything new can run
+        self._aps.start()
+        m = self.ctx.settings.maintenance
+        self._aps.add_job(
+            self.sweep, "interval", seconds=SWEEP_SECONDS, id="sweep", executor="housekeeping"
+        )
+        self._aps.add_job(
+            self._reconcile,
+            "interval",
+            seconds=m.reconcile_interval_seconds,
+            id="reconcile",
+            executor="housekeeping",
+        )
+        with unit_of_work(self.ctx.session_factory) as s:
+            pending = s.execute(
+                select(Job.id, Job.not_before).where(Job.state == JobState.SCHEDULED.value)
+            ).all()
+        for job_id, not_before in pending:
+            self.arm(job_id, not_before)
+
+    def shutdown(self) -> None:
+        """Stop timers, abort running jobs (their guests are resumed now) and wait for them."""
+        aborted = self.ctx.active.abort_all()
+        if aborted:
+            log.warning(
+                "shutting down: aborting running jobs %s; their guests are resumed", aborted
+            )
+        self._aps.shutdown(wait=True)
+
+    def _reconcile(self) -> None:
+        try:
+            reconcile(ctx=self.ctx)
+        except Exception:
+            log.exception("reconciliation failed; retrying at the next interval")
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def arm(self, job_id: int, not_before: datetime | None) -> None:
+        """Start the job at not_before (or now); APScheduler only holds the timer."""
+        when = not_before if not_before is not None and not_before > utcnow() else utcnow()
+        self._aps.add_job(
+            self.start_now,
+            "date",
+            run_date=when,
+            args=[job_id],
+            id=_timer_id(job_id),
+            replace_existing=True,
+            executor="jobs",
+        )
+
+    def sweep(self) -> None:
+        """Expire jobs that missed their window; re-arm due jobs that waited for a busy host."""
+        now = utcnow()
+        with unit_of_work(self.ctx.session_factory) as s:
+            due = list(s.scalars(select(Job).where(Job.state == JobState.SCHEDULED.value)))
+            for job in due:
+                if job_service.expiry_due(job, now):
+                    self._expire(s, job, now)
+            waiting = [
+                j.id
+                for j in due
+                if j.state == JobState.SCHEDULED.value
+                and (j.not_before is None or j.not_before <= now)
+            ]
+        for job_id in waiting:
+            if self._aps.get_job(_timer_id(job_id)) is None:
+                self.arm(job_id, None)
+
+    @staticmethod
+    def _expire(s: Session, job: Job, now: datetime) -> None:
+        transition(
+            s,
+            job,
+            JobState.EXPIRED,
+            reason="not_started_before_not_after",
+            detail=f"could not start before not_after {job.not_after}",
+            actor="scheduler",
+        )
+
+    # --- starting a job --------------------------------------------------------------------
+
+    def _hosts_busy_elsewhere(self, s: Session, hosts: set[str], job_id: int) -> bool:
+        now = utcnow()
+        active = s.scalars(
+            select(Job).where(Job.state.in_([st.value for st in ACTIVE]), Job.id != job_id)
+        )
+        return any(
+            hosts & set(j.host_names)
+            and (j.id in self.ctx.active or runner_alive(j.runner_id, j.heartbeat_at, now))
+            for j in active
+        )
+
+    def _claim(self, job_id: int) -> set[str] | None:
+        """Move a due job from scheduled to notifying/running if its hosts are free."""
+        now = utcnow()
+        with self._lock, unit_of_work(self.ctx.session_factory) as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.SCHEDULED.value:
+                return None
+            if job_service.expiry_due(job, now):
+                self._expire(s, job, now)
+                return None
+            hosts = set(job.host_names)
+            if hosts & self._busy_hosts or self._hosts_busy_elsewhere(s, hosts, job_id):
+                if job_id not in self._waiting_noted:
+                    self._waiting_noted.add(job_id)
+                    record_event(
+                        s,
+                        "job_waiting",
+                        f"job {job_id} waits for a busy host",
+                        job_id=job_id,
+                        actor="scheduler",
+                        hosts=sorted(hosts),
+                    )
+                return None
+            late = job_service.lateness(job, now).total_seconds()
+            if job.not_before is not None and late > LATE_AFTER_SECONDS:
+                record_event(
+                    s,
+                    "job_started_late",
+                    f"job {job_id} starts {late:.1f} s late",
+                    job_id=job_id,
+                    actor="scheduler",
+                    late_seconds=round(late, 3),
+                )
+            target = JobState.NOTIFYING if job.notice_seconds > 0 else JobState.RUNNING
+            transition(s, job, target, actor="scheduler")
+            job.started_at, job.runner_id, job.heartbeat_at = now, self.ctx.runner_id, now
+            self._busy_hosts |= hosts
+            self._waiting_noted.discard(job_id)
+            return hosts
+
+    def start_now(self, job_id: int) -> None:
+        """Start a due job in the calling thread and run it to its end (no-op if not startable)."""
+        hosts = self._claim(job_id)
+        if hosts is None:
+            return
+        try:
+            run_job(job_id=job_id, ctx=self.ctx)
+        finally:
+            with self._lock:
+                self._busy_hosts -= hosts
+            self.sweep()  # a waiting job may start now
+
+    # --- operator actions ------------------------------------------------------------------
+
+    def cancel(self, job_id: int, *, actor: str) -> None:
+        with unit_of_work(self.ctx.session_factory) as s:
+            job = job_service.get_job(s, job_id)
+            job_service.ensure_cancellable(job)
+            transition(s, job, JobState.CANCELLED, reason="cancelled", actor=actor)
+        self.ctx.active.abort(job_id)  # wakes a job waiting out its notice
+        if self._aps.get_job(_timer_id(job_id)) is not None:
+            self._aps.remove_job(_timer_id(job_id))
+
+    def abort(self, job_id: int, *, actor: str) -> None:
+        with unit_of_work(self.ctx.session_factory) as s:
+            job = job_service.get_job(s, job_id)
+            job_service.ensure_abortable(job)
+            if job_id not in self.ctx.active:
+                raise Conflict(f"job {job_id} is not running in this controller")
+            job.abort_requested = True
+            record_event(
+                s, "abort_requested", f"abort of job {job_id} requested", job_id=job_id, actor=actor
+            )
+        self.ctx.active.abort(job_id)

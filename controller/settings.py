@@ -1,0 +1,244 @@
+"""Settings: built-in defaults, then an optional TOML file, then MAINTCTL_* environment variables.
+
+Hosts and runbooks are declared by the administrator in the TOML file. The API can name a
+runbook and pass parameters; it can never supply a command, so runbooks live only here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from controller.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/maintctl/maintctl.toml")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]{0,31})\}$")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    bind: str = "127.0.0.1:8080"
+    # Deny by default: turning auth off is allowed only on a loopback bind.
+    auth: bool = True
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must look like HOST:PORT, for example 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.bind.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rpartition(":")[2])
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> ServerSettings:
+        if not self.auth and not self.is_loopback:
+            raise ValueError(
+                f"auth = false is refused on the non-loopback bind {self.bind}: "
+                "anyone on the network could pause your guests"
+            )
+        return self
+
+
+class DatabaseSettings(_Strict):
+    url: str = "sqlite:///./maintctl.db"
+
+
+class HostConfig(_Strict):
+    name: Name
+    uri: str = Field(min_length=1, max_length=512)
+    update_domain: int = Field(default=0, ge=0, le=1000)
+    patch_via: Literal["local"] = "local"
+    # Off only for hosts without a guest agent (libvirt's test driver): the outcome is "disabled".
+    sync_clock: bool = True
+
+
+class RunbookConfig(_Strict):
+    argv: list[str] = Field(min_length=1, max_length=64)
+    timeout_seconds: float = Field(gt=0, le=3600)
+    description: str = Field(default="", max_length=500)
+    # Parameter name -> regular expression the whole value must match.
+    params: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("argv")
+    @classmethod
+    def _argv_elements(cls, argv: list[str]) -> list[str]:
+        for element in argv:
+            if not element or "\x00" in element or len(element) > 4096:
+                raise ValueError("argv elements must be non-empty strings without NUL bytes")
+        if PLACEHOLDER.match(argv[0]):
+            raise ValueError("argv[0] (the program) cannot be a parameter")
+        return argv
+
+    @field_validator("params")
+    @classmethod
+    def _params_compile(cls, params: dict[str, str]) -> dict[str, str]:
+        for name, pattern in params.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,31}", name):
+                raise ValueError(f"parameter name {name!r} is not an identifier")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"parameter {name}: {pattern!r} is not a valid regex ({exc})"
+                ) from exc
+        return params
+
+    @model_validator(mode="after")
+    def _placeholders_declared(self) -> RunbookConfig:
+        used = {m.group(1) for a in self.argv if (m := PLACEHOLDER.match(a))}
+        undeclared = used - set(self.params)
+        if undeclared:
+            raise ValueError(f"argv uses undeclared parameters: {', '.join(sorted(undeclared))}")
+        unused = set(self.params) - used
+        if unused:
+            raise ValueError(f"parameters never used in argv: {', '.join(sorted(unused))}")
+        return self
+
+
+class MaintenanceSettings(_Strict):
+    pause_budget_seconds: float = Field(default=30.0, gt=0, le=300)
+    pause_budget_cap_seconds: float = Field(default=30.0, gt=0, le=300)
+    # Time kept back from the budget to kill the runbook and resume every guest.
+    resume_reserve_seconds: float = Field(default=3.0, ge=0.5, le=60)
+    kill_grace_seconds: float = Field(default=1.0, ge=0.05, le=30)
+    agent_timeout_seconds: int = Field(default=2, ge=1, le=60)
+    clock_sync_retry_seconds: float = Field(default=3.0, ge=0, le=60)
+    runbook_output_limit_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    reconcile_interval_seconds: float = Field(default=5.0, ge=0.5, le=3600)
+    # A watchdog process per paused host that resumes the guests if this process dies.
+    guardian: bool = True
+    max_parallel_jobs: int = Field(default=4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MaintenanceSettings:
+        if self.pause_budget_seconds > self.pause_budget_cap_seconds:
+            raise ValueError(
+                f"pause_budget_seconds ({self.pause_budget_seconds}) exceeds "
+                f"pause_budget_cap_seconds ({self.pause_budget_cap_seconds})"
+            )
+        if self.kill_grace_seconds >= self.resume_reserve_seconds:
+            raise ValueError(
+                f"kill_grace_seconds ({self.kill_grace_seconds}) must be below "
+                f"resume_reserve_seconds ({self.resume_reserve_seconds})"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Built-in defaults < TOML file < MAINTCTL_* environment (MAINTCTL_DATABASE_URL, ...)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAINTCTL_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
+    hosts: list[HostConfig] = Field(default_factory=list, max_length=10000)
+    runbooks: dict[str, RunbookConfig] = Field(default_factory=dict, max_length=1000)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_host_names(cls, hosts: list[HostConfig]) -> list[HostConfig]:
+        seen: set[str] = set()
+        for host in hosts:
+            if host.name in seen:
+                raise ValueError(f"host {host.name!r} is declared twice")
+            seen.add(host.name)
+        return hosts
+
+    @field_validator("runbooks")
+    @classmethod
+    def _runbook_names(cls, runbooks: dict[str, RunbookConfig]) -> dict[str, RunbookConfig]:
+        for name in runbooks:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"runbook name {name!r} must match {NAME_PATTERN}")
+        return runbooks
+
+
+def resolve_config_path(explicit: Path | None) -> Path | None:
+    """--config, else MAINTCTL_CONFIG, else /etc/maintctl/maintctl.toml if it exists."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get("MAINTCTL_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        problems.append(f"{key}: {message}")
+    return f"{origin} is invalid: " + "; ".join(problems) + "."
+
+
+def load_settings(config_path: Path | None = None) -> Settings:
+    """Load settings; any problem becomes one readable ConfigError, never a traceback."""
+    path = resolve_config_path(config_path)
+    data: dict[str, Any] = {}
+    origin = "the configuration (MAINTCTL_* environment)"
+    if path is not None:
+        origin = f"config file {path}"
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}.") from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None

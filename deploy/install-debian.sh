@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 host for maintctl: packages, /dev/kvm permissions, libvirtd and virtlogd.
+# Idempotent: a second run installs nothing and starts nothing that already runs.
+set -euo pipefail
+
+PACKAGES=(
+  qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+  python3 python3-venv python3-dev gcc make
+)
+[ "$#" -gt 0 ] && PACKAGES+=("$@")
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-debian: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Without this, libvirtd finds its cached QEMU capabilities stale at every domain start and
+# re-probes QEMU (about 52 s per guest start instead of 0.4 s). udev does this on a normal host.
+if [ -e /dev/kvm ]; then
+  chgrp kvm /dev/kvm && chmod 660 /dev/kvm
+fi
+
+mkdir -p /var/run/libvirt /var/log/libvirt
+if ! pgrep -x virtlogd >/dev/null; then virtlogd -d; fi
+if ! pgrep -x libvirtd >/dev/null; then
+  libvirtd -d
+  for _ in $(seq 1 50); do [ -S /var/run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+fi
+virsh -c qemu:///system version >/dev/null

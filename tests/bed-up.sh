@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test bed's own needs, on top of deploy/install-debian.sh: what builds the guest image,
+# a real PostgreSQL server, and a login role the tests use. Idempotent.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+"$here/../deploy/install-debian.sh" qemu-guest-agent busybox-static cpio kmod postgresql \
+  postgresql-client util-linux
+
+cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
+if [ -z "$cluster" ]; then
+  pg_createcluster 15 main >/dev/null
+  cluster="15 main"
+fi
+# shellcheck disable=SC2086
+pg_lsclusters --no-header | awk 'NR==1 {print $4}' | grep -q online || pg_ctlcluster $cluster start
+for _ in $(seq 1 50); do runuser -u postgres -- pg_isready -q && break; sleep 0.2; done
+runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='maintctl'" | grep -q 1 || \
+  runuser -u postgres -- psql -qc "CREATE ROLE maintctl LOGIN PASSWORD 'maintctl' CREATEDB"
+runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='maintctl'" | grep -q 1 || \
+  runuser -u postgres -- psql -qc "CREATE DATABASE maintctl OWNER maintctl"

@@ -1,0 +1,178 @@
+"""Fixtures: real databases (SQLite and PostgreSQL), the real QEMU test bed, the test driver."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
+from controller.engine import EngineContext
+from controller.hypervisor import HypervisorPool
+from controller.inventory import sync_config_hosts
+from controller.libvirt_host import LibvirtHost
+from controller.settings import Settings
+from tests.testbed import BedGuest, TestBed
+
+PG_URL = os.environ.get(
+    "MAINTCTL_TEST_PG_URL", "postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl"
+)
+QEMU_URI = "qemu:///system"
+TEST_URI = "test:///default"
+BED_GUESTS = ["mtbed-g1", "mtbed-g2", "mtbed-g3"]
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+def _pg_admin() -> psycopg.Connection[Any]:
+    url = make_url(PG_URL)
+    return psycopg.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        autocommit=True,
+    )
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty database on the real PostgreSQL server, dropped afterwards."""
+    name = f"maintctl_t_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with _pg_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'maintctl.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Runs the test once on SQLite and once on the real PostgreSQL server."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+def migrated(url: str) -> sessionmaker[Session]:
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+# --- settings and engine context ----------------------------------------------------------------
+
+SLEEP_RUNBOOK = {
+    "argv": ["sleep", "{seconds}"],
+    "timeout_seconds": 20,
+    "params": {"seconds": "^[0-9]{1,2}(\\.[0-9]{1,3})?$"},
+}
+
+
+def make_settings(hosts: list[dict[str, Any]], **maintenance: Any) -> Settings:
+    runbooks = {
+        "sleep": SLEEP_RUNBOOK,
+        "noop": {"argv": ["true"], "timeout_seconds": 5},
+        "fail": {"argv": ["false"], "timeout_seconds": 5},
+        "echo": {"argv": ["sh", "-c", "echo patched; echo warn >&2"], "timeout_seconds": 5},
+        # Sleeps past any budget: the watchdog must kill it.
+        "hang": {"argv": ["sleep", "300"], "timeout_seconds": 4},
+    }
+    return Settings(hosts=hosts, runbooks=runbooks, maintenance=maintenance)
+
+
+@dataclass
+class Harness:
+    ctx: EngineContext
+    settings: Settings
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        return self.ctx.session_factory
+
+
+def make_harness(url: str, settings: Settings) -> Harness:
+    factory = migrated(url)
+    with unit_of_work(factory) as s:
+        sync_config_hosts(s, settings)
+    ctx = EngineContext(
+        settings=settings, session_factory=factory, hypervisors=HypervisorPool(LibvirtHost)
+    )
+    return Harness(ctx, settings)
+
+
+# --- the real QEMU test bed -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bed() -> Iterator[TestBed]:
+    testbed = TestBed(QEMU_URI)
+    testbed.cleanup_stale()
+    yield testbed
+    testbed.cleanup_stale()
+    testbed.close()
+
+
+@pytest.fixture(scope="session")
+def _bed_guests(bed: TestBed) -> list[BedGuest]:
+    return bed.boot(BED_GUESTS)
+
+
+@pytest.fixture
+def bed_guests(bed: TestBed, _bed_guests: list[BedGuest]) -> Iterator[list[BedGuest]]:
+    """The session's three running guests; a test that breaks one gets it rebooted after."""
+    yield _bed_guests
+    broken = []
+    for g in _bed_guests:
+        try:
+            state, _ = bed.state(g.name)
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                bed.domain(g.name).resume()
+            bed.wait_agent(g.name, timeout=3)
+        except (libvirt.libvirtError, TimeoutError):
+            broken.append(g.name)
+    if broken:
+        _bed_guests[:] = [g if g.name not in broken else bed.boot([g.name])[0] for g in _bed_guests]
+
+
+# --- libvirt's test driver -----------------------------------------------------------------------
+
+TEST_DOMAIN_XML = """<domain type='test'><name>{name}</name><memory>65536</memory>
+<os><type>hvm</type></os></domain>"""
+
+
+@pytest.fixture
+def test_driver() -> Iterator[libvirt.virConnect]:
+    """test:///default with only the domains a test creates (its built-in domain is removed)."""
+    conn = libvirt.open(TEST_URI)
+    for dom in conn.listAllDomains(0):
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+    yield conn
+    for dom in conn.listAllDomains(0):
+        if dom.isActive():
+            dom.destroy()
+    conn.close()
+
+
+def start_test_domains(conn: libvirt.virConnect, names: list[str]) -> list[libvirt.virDomain]:
+    return [conn.createXML(TEST_DOMAIN_XML.format(name=n), 0) for n in names]

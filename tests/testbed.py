@@ -1,0 +1,242 @@
+"""The real test bed: QEMU guests under a real libvirt daemon, running the real guest agent.
+
+Used by tests/conftest.py and by bench/. Guests are transient domains named with a prefix, so a
+crashed run leaves nothing that the next run's cleanup_stale() does not remove.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import libvirt
+import libvirt_qemu
+
+from tests.guestimage.build import GuestImage, build
+
+libvirt.registerErrorHandler(lambda _c, _e: None, None)
+
+SYSTEM_URI = "qemu:///system"
+PREFIX = "mtbed-"
+LOG_DIR = Path("/var/lib/maintctl/testbed")
+SESSION_USER = "maintctl-bed"
+BOOT_TIMEOUT = 90.0
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+  </os>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@dataclass(frozen=True)
+class BedGuest:
+    name: str
+    uuid: str
+    console: Path
+
+
+class TestBed:
+    """Boots, inspects and destroys test-bed guests on one libvirt daemon."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, uri: str = SYSTEM_URI, *, log_dir: Path = LOG_DIR, prefix: str = PREFIX):
+        self.uri = uri
+        self.prefix = prefix
+        self.log_dir = log_dir
+        self.conn = libvirt.open(uri)
+        self.image: GuestImage = build()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def domain(self, name: str) -> libvirt.virDomain:
+        return self.conn.lookupByName(name)
+
+    def cleanup_stale(self) -> list[str]:
+        removed = []
+        for dom in self.conn.listAllDomains(0):
+            name = dom.name()
+            if name.startswith(self.prefix):
+                try:
+                    persistent = dom.isPersistent()
+                    if dom.isActive():
+                        dom.destroy()  # a transient domain is gone after this
+                    if persistent:
+                        dom.undefine()
+                except libvirt.libvirtError:
+                    pass  # vanished meanwhile
+                removed.append(name)
+        return removed
+
+    def _create(self, name: str, memory_mib: int) -> libvirt.virDomain:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        console = self.log_dir / f"{name}.log"
+        if console.exists():
+            console.unlink()
+        xml = DOMAIN_XML.format(
+            name=escape(name),
+            memory_mib=memory_mib,
+            kernel=self.image.kernel,
+            initrd=self.image.initrd,
+            console=escape(str(console)),
+        )
+        return self.conn.createXML(xml, 0)
+
+    def boot(self, names: list[str], *, memory_mib: int = 128) -> list[BedGuest]:
+        """Start the guests at once and return when every guest agent answers."""
+        for name in names:
+            try:
+                dom = self.domain(name)
+                dom.destroy()
+            except libvirt.libvirtError:
+                pass
+        domains = [self._create(n, memory_mib) for n in names]
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            list(pool.map(lambda d: self.wait_agent(d.name()), domains))
+        return [
+            BedGuest(d.name(), d.UUIDString(), self.log_dir / f"{d.name()}.log") for d in domains
+        ]
+
+    def destroy(self, name: str) -> None:
+        try:
+            self.domain(name).destroy()
+        except libvirt.libvirtError:
+            pass
+
+    # --- the guest agent -------------------------------------------------------------------
+
+    def agent(self, name: str, command: dict[str, object], timeout: int = 5) -> object:
+        reply = libvirt_qemu.qemuAgentCommand(self.domain(name), json.dumps(command), timeout, 0)
+        return json.loads(reply)["return"]
+
+    def wait_agent(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.agent(name, {"execute": "guest-ping"}, timeout=1)
+                return
+            except libvirt.libvirtError as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{name}: guest agent not up after {timeout} s: {exc}"
+                    ) from exc
+                time.sleep(0.2)
+
+    def guest_exec(
+        self, name: str, path: str, *args: str, timeout: float = 10.0
+    ) -> tuple[int, str]:
+        """Run a program inside the guest through qemu-ga; returns (exit code, stdout)."""
+        started = self.agent(
+            name,
+            {
+                "execute": "guest-exec",
+                "arguments": {"path": path, "arg": list(args), "capture-output": True},
+            },
+        )
+        assert isinstance(started, dict)
+        pid = started["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.agent(name, {"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            assert isinstance(status, dict)
+            if status.get("exited"):
+                out = base64.b64decode(status.get("out-data", "")).decode()
+                return int(status.get("exitcode", -1)), out
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {path} did not exit in {timeout} s")
+            time.sleep(0.05)
+
+    def counter(self, name: str) -> int:
+        """The guest's RAM-only counter: it keeps counting across a pause, restarts on reboot."""
+        return int(self.guest_exec(name, "/bin/cat", "/run/counter")[1].strip())
+
+    def uptime(self, name: str) -> float:
+        return float(self.guest_exec(name, "/bin/cat", "/proc/uptime")[1].split()[0])
+
+    def guest_time_ns(self, name: str) -> int:
+        reply = self.agent(name, {"execute": "guest-get-time"})
+        assert isinstance(reply, int)
+        return reply
+
+    def kill_agent(self, name: str) -> None:
+        """Stop qemu-ga inside the guest: its clock can no longer be synced."""
+        self.agent(
+            name,
+            {
+                "execute": "guest-exec",
+                "arguments": {"path": "/bin/killall", "arg": ["-KILL", "qemu-ga"]},
+            },
+        )
+
+    def state(self, name: str) -> tuple[int, int]:
+        state, reason = self.domain(name).state()
+        return state, reason
+
+
+# --- a second, independent libvirt daemon on the same machine ----------------------------
+
+
+def session_socket(user: str = SESSION_USER) -> Path:
+    return Path(pwd.getpwnam(user).pw_dir) / ".cache" / "libvirt" / "libvirt-sock"
+
+
+def session_uri(user: str = SESSION_USER) -> str:
+    return f"qemu+unix:///session?socket={session_socket(user)}"
+
+
+def ensure_session_daemon(user: str = SESSION_USER) -> str:
+    """Create the user if needed and start its session libvirtd; returns the URI root can use."""
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
+    home = Path(pwd.getpwnam(user).pw_dir)
+    os.chmod(home, 0o755)
+    # virsh as the user autostarts the session daemon; --timeout keeps it up while connected.
+    runuser = shutil.which("runuser") or "/sbin/runuser"
+    subprocess.run(
+        [
+            runuser,
+            "-u",
+            user,
+            "--",
+            "env",
+            f"HOME={home}",
+            f"XDG_RUNTIME_DIR={home}/.cache",
+            "virsh",
+            "-c",
+            "qemu:///session",
+            "uri",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return session_uri(user)
