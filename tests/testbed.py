@@ -7,6 +7,7 @@ crashed run leaves nothing that the next run's cleanup_stale() does not remove.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -125,10 +126,8 @@ class TestBed:
         ]
 
     def destroy(self, name: str) -> None:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self.domain(name).destroy()
-        except libvirt.libvirtError:
-            pass
 
     # --- the guest agent -------------------------------------------------------------------
 
