@@ -190,7 +190,7 @@ class TestBed:
             name,
             {
                 "execute": "guest-exec",
-                "arguments": {"path": "/bin/killall", "arg": ["-KILL", "qemu-ga"]},
+                "arguments": {"path": "/bin/busybox", "arg": ["killall", "-KILL", "qemu-ga"]},
             },
         )
 
