@@ -42,11 +42,11 @@ def validate(session: Session, settings: Settings, req: JobRequest) -> tuple[lis
     rows = {h.name: h for h in session.scalars(select(Host).where(Host.name.in_(req.hosts)))}
     missing = [n for n in req.hosts if n not in rows]
     if missing:
-        raise NotFound(f"unknown host(s): {', '.join(missing)}")
+        raise InvalidRequest(f"hosts: unknown host(s): {', '.join(missing)}")
     runbook = settings.runbooks.get(req.runbook)
     if runbook is None:
         declared = ", ".join(sorted(settings.runbooks)) or "none"
-        raise NotFound(f"unknown runbook {req.runbook!r} (declared: {declared})")
+        raise InvalidRequest(f"runbook: unknown runbook {req.runbook!r} (declared: {declared})")
     build_argv(req.runbook, runbook, req.params)
     m = settings.maintenance
     budget = (

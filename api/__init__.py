@@ -1,0 +1,1 @@
+"""The REST API (FastAPI). HTTP lives here and nowhere else."""

@@ -1,0 +1,91 @@
+"""Dependencies: database sessions, settings, the engine context, and authorization.
+
+Authorization is deny-by-default: one app-wide dependency reads the role each route declares with
+requires(); a route that declares none answers 403 to everybody, and tests/api walks the
+OpenAPI spec to prove every route declares one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from controller.db import unit_of_work
+from controller.engine import EngineContext
+from controller.scheduler import MaintenanceScheduler
+from controller.settings import Settings
+from controller.tokens import Principal, Role, authenticate
+
+ROLE_KEY = "x-required-role"
+PUBLIC = "none"
+ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only when auth is off, which only loopback allows
+
+bearer = HTTPBearer(auto_error=False, description="An API token: maintctl token create")
+
+
+def requires(role: Role | None) -> dict[str, Any]:
+    """Route kwargs that declare who may call it; None means public (healthz only)."""
+    return {"openapi_extra": {ROLE_KEY: PUBLIC if role is None else role.value}}
+
+
+def get_ctx(request: Request) -> EngineContext:
+    ctx: EngineContext = request.app.state.ctx
+    return ctx
+
+
+def get_scheduler(request: Request) -> MaintenanceScheduler:
+    scheduler: MaintenanceScheduler = request.app.state.scheduler
+    return scheduler
+
+
+def get_settings(request: Request) -> Settings:
+    return get_ctx(request).settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with unit_of_work(get_ctx(request).session_factory) as session:
+        yield session
+
+
+def authorize(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    route = request.scope.get("route")
+    extra = getattr(route, "openapi_extra", None) or {}
+    required = extra.get(ROLE_KEY)
+    if required is None:
+        raise HTTPException(403, "this route declares no role: denied by default")
+    if required == PUBLIC:
+        request.state.principal = ANONYMOUS
+        return
+    ctx = get_ctx(request)
+    if not ctx.settings.server.auth:
+        request.state.principal = ANONYMOUS
+        return
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "missing bearer token", headers=challenge)
+    with unit_of_work(ctx.session_factory) as s:
+        principal = authenticate(s, credentials.credentials)
+    if principal is None:
+        raise HTTPException(401, "invalid or revoked token", headers=challenge)
+    if not principal.role.allows(Role(required)):
+        raise HTTPException(403, f"role {principal.role.value} may not do this; needs {required}")
+    request.state.principal = principal
+
+
+def get_principal(request: Request) -> Principal:
+    principal: Principal = request.state.principal
+    return principal
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CtxDep = Annotated[EngineContext, Depends(get_ctx)]
+SchedulerDep = Annotated[MaintenanceScheduler, Depends(get_scheduler)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from sqlalchemy import select
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CtxDep, SessionDep, requires
+from api.routes.jobs import event_public
+from api.schemas import EventPublic
+from controller.db import unit_of_work
+from controller.engine import EngineContext
+from controller.models import Event
+from controller.tokens import Role
+
+router = APIRouter(prefix="/api/v1/events", tags=["events"])
+POLL_SECONDS = 0.25
+BATCH = 500
+
+
+def _after(session: SessionDep, after: int, limit: int) -> list[EventPublic]:
+    rows = session.scalars(select(Event).where(Event.id > after).order_by(Event.id).limit(limit))
+    return [event_public(e) for e in rows]
+
+
+@router.get("", response_model=list[EventPublic], **requires(Role.VIEWER))
+def list_events(
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[EventPublic]:
+    """Events with an id greater than `after`, oldest first."""
+    return _after(session, after, limit)
+
+
+def _fetch(ctx: EngineContext, after: int) -> list[EventPublic]:
+    with unit_of_work(ctx.session_factory) as s:
+        return _after(s, after, BATCH)
+
+
+@router.get(
+    "/stream",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    **requires(Role.VIEWER),
+)
+async def stream_events(
+    request: Request,
+    ctx: CtxDep,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events; each id is the event row id, so Last-Event-ID resumes without loss."""
+    start = after or 0
+    if last_event_id is not None and last_event_id.isdigit():
+        start = int(last_event_id)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        cursor = start
+        while not await request.is_disconnected():
+            batch = await run_in_threadpool(_fetch, ctx, cursor)
+            for e in batch:
+                cursor = e.id
+                yield ServerSentEvent(
+                    id=str(e.id), event=e.kind, data=json.dumps(e.model_dump(mode="json"))
+                )
+            if len(batch) < BATCH:
+                await asyncio.sleep(POLL_SECONDS)
+
+    return EventSourceResponse(events(), ping=15)

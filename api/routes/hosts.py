@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from sqlalchemy import select
+
+from api.deps import CtxDep, PrincipalDep, SessionDep, requires
+from api.schemas import GuestPublic, HostCreate, HostDetail, HostPublic
+from controller.errors import Conflict, HypervisorError, NotFound
+from controller.events import record_event
+from controller.inventory import record_guest_states
+from controller.models import Host, Job
+from controller.states import ACTIVE, PENDING
+from controller.tokens import Role
+
+router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
+
+
+def _public(h: Host) -> HostPublic:
+    return HostPublic(
+        name=h.name,
+        uri=h.uri,
+        update_domain=h.update_domain,
+        patch_via=h.patch_via,
+        sync_clock=h.sync_clock,
+        source=h.source,
+    )
+
+
+def _get(session: SessionDep, name: str) -> Host:
+    host = session.scalars(select(Host).where(Host.name == name)).one_or_none()
+    if host is None:
+        raise NotFound(f"host {name!r} does not exist")
+    return host
+
+
+@router.get("", response_model=list[HostPublic], **requires(Role.VIEWER))
+def list_hosts(session: SessionDep) -> list[HostPublic]:
+    """All hosts, from the config file and from the API."""
+    return [
+        _public(h) for h in session.scalars(select(Host).order_by(Host.update_domain, Host.name))
+    ]
+
+
+@router.get("/{name}", response_model=HostDetail, **requires(Role.VIEWER))
+def get_host(name: str, session: SessionDep, ctx: CtxDep) -> HostDetail:
+    """One host with its guests, read live from libvirt."""
+    host = _get(session, name)
+    base = _public(host).model_dump()
+    try:
+        guests = ctx.hypervisors.get(host.uri).list_guests()
+    except HypervisorError as exc:
+        return HostDetail(**base, reachable=False, error=str(exc), guests=[])
+    record_guest_states(session, host.name, guests)
+    return HostDetail(
+        **base,
+        reachable=True,
+        error=None,
+        guests=[
+            GuestPublic(
+                name=g.name,
+                uuid=g.uuid,
+                state=g.state.value,
+                reason=g.reason,
+                active_job=g.active_job,
+                opted_out=g.opted_out,
+            )
+            for g in sorted(guests, key=lambda g: g.name)
+        ],
+    )
+
+
+@router.post("", response_model=HostPublic, status_code=201, **requires(Role.ADMIN))
+def add_host(body: HostCreate, session: SessionDep, who: PrincipalDep) -> HostPublic:
+    """Add a host (admin)."""
+    if session.scalars(select(Host).where(Host.name == body.name)).one_or_none() is not None:
+        raise Conflict(f"host {body.name!r} already exists")
+    host = Host(**body.model_dump(), source="api")
+    session.add(host)
+    record_event(
+        session,
+        "host_added",
+        f"host {body.name} ({body.uri})",
+        host=body.name,
+        actor=who.name,
+        uri=body.uri,
+        update_domain=body.update_domain,
+    )
+    session.flush()
+    return _public(host)
+
+
+@router.delete("/{name}", status_code=204, response_class=Response, **requires(Role.ADMIN))
+def delete_host(name: str, session: SessionDep, who: PrincipalDep) -> Response:
+    """Remove a host added through the API (admin)."""
+    host = _get(session, name)
+    if host.source == "config":
+        raise Conflict(f"host {name!r} is declared in the config file: remove it there")
+    open_states = [s.value for s in ACTIVE | PENDING]
+    for job in session.scalars(select(Job).where(Job.state.in_(open_states))):
+        if name in job.host_names:
+            raise Conflict(f"host {name!r} has job {job.id} in state {job.state}")
+    session.delete(host)
+    record_event(session, "host_removed", f"host {name}", host=name, actor=who.name)
+    return Response(status_code=204)

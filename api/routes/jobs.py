@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import CtxDep, PrincipalDep, SchedulerDep, SessionDep, SettingsDep, requires
+from api.schemas import (
+    EventPublic,
+    JobCreate,
+    JobGuestPublic,
+    JobPublic,
+    PlannedGuestPublic,
+    PlanPublic,
+)
+from controller import jobs as job_service
+from controller.db import unit_of_work
+from controller.errors import Conflict, InvalidRequest
+from controller.models import Event, IdempotencyKey, Job, utcnow
+from controller.preflight import BusyGuestPolicy
+from controller.states import JobState
+from controller.tokens import Role
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+IN_FLIGHT_TTL = timedelta(seconds=60)
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        description="Retry safely: the same key and body return the original job.",
+    ),
+]
+
+
+def job_public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        state=job.state,
+        reason=job.reason,
+        detail=job.detail,
+        runbook=job.runbook,
+        params=job.params,
+        hosts=job.host_names,
+        exclude_guests=job.exclude_guests,
+        busy_guests=job.busy_guests,
+        pause_budget_seconds=job.pause_budget_seconds,
+        notice_seconds=job.notice_seconds,
+        not_before=job.not_before,
+        not_after=job.not_after,
+        created_by=job.created_by,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        guests=[
+            JobGuestPublic(
+                host=g.host,
+                guest=g.guest,
+                paused_at=g.paused_at,
+                resumed_at=g.resumed_at,
+                pause_ms=g.pause_ms,
+                clock_skew_ms=g.clock_skew_ms,
+                sync_method=g.sync_method,
+                sync_outcome=g.sync_outcome,
+                skipped_reason=g.skipped_reason,
+                flagged=g.flagged,
+            )
+            for g in job.guests
+        ],
+    )
+
+
+def event_public(e: Event) -> EventPublic:
+    return EventPublic(
+        id=e.id,
+        at=e.at,
+        kind=e.kind,
+        job_id=e.job_id,
+        host=e.host,
+        guest=e.guest,
+        actor=e.actor,
+        message=e.message,
+        details=e.details,
+    )
+
+
+def _request(body: JobCreate) -> job_service.JobRequest:
+    return job_service.JobRequest(
+        hosts=body.hosts,
+        runbook=body.runbook,
+        params=body.params,
+        not_before=body.not_before,
+        not_after=body.not_after,
+        pause_budget_seconds=body.pause_budget_seconds,
+        notice_seconds=body.notice_seconds,
+        exclude_guests=body.exclude_guests,
+        busy_guests=BusyGuestPolicy(body.busy_guests),
+    )
+
+
+def _claim_key(ctx: CtxDep, key: str, body_hash: str) -> int | None:
+    """Reserve the key (committed); returns the original job id on a replay."""
+    for _ in range(2):
+        with unit_of_work(ctx.session_factory) as s:
+            row = s.get(IdempotencyKey, key)
+            if row is None:
+                s.add(IdempotencyKey(key=key, request_hash=body_hash))
+                try:
+                    s.flush()
+                except IntegrityError:
+                    s.rollback()
+                    continue  # a concurrent request took it: look again
+                return None
+            if row.request_hash != body_hash:
+                raise InvalidRequest("this Idempotency-Key was used with a different request body")
+            if row.job_id is not None:
+                return row.job_id
+            if utcnow() - row.created_at < IN_FLIGHT_TTL:
+                raise Conflict("a request with this Idempotency-Key is still in progress")
+            row.created_at = utcnow()  # the first attempt died mid-way: take it over
+            return None
+    raise Conflict("a request with this Idempotency-Key is still in progress")
+
+
+def _release_key(ctx: CtxDep, key: str) -> None:
+    with unit_of_work(ctx.session_factory) as s:
+        row = s.get(IdempotencyKey, key)
+        if row is not None and row.job_id is None:
+            s.delete(row)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic | PlanPublic,
+    responses={200: {"model": PlanPublic, "description": "dry_run: the plan, nothing created"}},
+    **requires(Role.OPERATOR),
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    ctx: CtxDep,
+    scheduler: SchedulerDep,
+    who: PrincipalDep,
+    idempotency_key: IdempotencyHeader = None,
+) -> JobPublic | PlanPublic:
+    """Submit a maintenance job, or with dry_run see its plan without creating anything."""
+    req = _request(body)
+    if body.dry_run:
+        response.status_code = 200
+        plan = job_service.plan(session, settings, ctx.hypervisors, req)
+        return PlanPublic(
+            hosts=plan.hosts,
+            pause_budget_seconds=plan.pause_budget_seconds,
+            predicted_pause_ms=plan.predicted_pause_ms,
+            predicted_from=plan.predicted_from,
+            guests=[
+                PlannedGuestPublic(
+                    host=g.host,
+                    guest=g.guest,
+                    action="pause" if g.action == "pause" else "skip",
+                    reason=g.reason,
+                )
+                for g in plan.guests
+            ],
+        )
+    if idempotency_key is not None:
+        body_hash = hashlib.sha256(
+            json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()
+        original = _claim_key(ctx, idempotency_key, body_hash)
+        if original is not None:
+            response.headers["Idempotent-Replayed"] = "true"
+            return job_public(job_service.get_job(session, original))
+    try:
+        job = job_service.submit(session, settings, req, actor=who.name)
+        if idempotency_key is not None:
+            key_row = session.get_one(IdempotencyKey, idempotency_key)
+            key_row.job_id = job.id
+        session.commit()
+    except Exception:
+        session.rollback()
+        if idempotency_key is not None:
+            _release_key(ctx, idempotency_key)
+        raise
+    scheduler.arm(job.id, job.not_before)
+    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.get("", response_model=list[JobPublic], **requires(Role.VIEWER))
+def list_jobs(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    state: Annotated[JobState | None, Query()] = None,
+    host: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[int | None, Query(ge=1, description="opaque; from the Link header")] = None,
+) -> list[JobPublic]:
+    """Jobs, newest first; the next page is in the Link header (rel="next")."""
+    query = select(Job).order_by(Job.id.desc())
+    if state is not None:
+        query = query.where(Job.state == state.value)
+    if cursor is not None:
+        query = query.where(Job.id < cursor)
+    # Host membership lives in a JSON list: filter in Python, fetching in bounded batches.
+    page: list[Job] = []
+    batch_cursor = cursor
+    while len(page) < limit + 1:
+        q = query if batch_cursor is None else query.where(Job.id < batch_cursor)
+        batch = list(session.scalars(q.limit(500)))
+        if not batch:
+            break
+        page += [j for j in batch if host is None or host in j.host_names]
+        batch_cursor = batch[-1].id
+    more = len(page) > limit
+    page = page[:limit]
+    if more:
+        params = dict(request.query_params) | {"cursor": str(page[-1].id)}
+        url = request.url.replace_query_params(**params)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+    return [job_public(j) for j in page]
+
+
+@router.get("/{job_id}", response_model=JobPublic, **requires(Role.VIEWER))
+def get_job(job_id: int, session: SessionDep) -> JobPublic:
+    """One job with its per-guest outcomes."""
+    return job_public(job_service.get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, **requires(Role.OPERATOR))
+def cancel_job(
+    job_id: int, scheduler: SchedulerDep, session: SessionDep, who: PrincipalDep
+) -> JobPublic:
+    """Cancel a job that has not started pausing guests."""
+    scheduler.cancel(job_id, actor=who.name)
+    session.expire_all()
+    return job_public(job_service.get_job(session, job_id))
+
+
+@router.post(
+    "/{job_id}/abort", response_model=JobPublic, status_code=202, **requires(Role.OPERATOR)
+)
+def abort_job(
+    job_id: int, scheduler: SchedulerDep, session: SessionDep, who: PrincipalDep
+) -> JobPublic:
+    """Abort a running job: kill the runbook and resume every guest now; it ends `aborted`."""
+    scheduler.abort(job_id, actor=who.name)
+    session.expire_all()
+    return job_public(job_service.get_job(session, job_id))
+
+
+@router.get("/{job_id}/events", response_model=list[EventPublic], **requires(Role.VIEWER))
+def job_events(job_id: int, session: SessionDep) -> list[EventPublic]:
+    """Every event of one job, oldest first."""
+    job_service.get_job(session, job_id)
+    rows = session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))
+    return [event_public(e) for e in rows]

@@ -1,0 +1,178 @@
+"""Request and response bodies. Unknown fields are rejected; every size is bounded."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
+
+from controller.settings import NAME_PATTERN
+from controller.tokens import Role
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# RFC 3339, UTC, always to the microsecond: 2026-11-22T02:40:58.019128Z
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(_rfc3339, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
+]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
+GuestRef = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")]
+ParamValue = Annotated[str, StringConstraints(max_length=256)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobCreate(_In):
+    hosts: list[Name] = Field(min_length=1, max_length=1000)
+    runbook: Name
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict, max_length=32)
+    not_before: AwareDatetime | None = None
+    not_after: AwareDatetime | None = None
+    pause_budget_seconds: float | None = Field(default=None, gt=0, le=300)
+    notice_seconds: float = Field(default=0.0, ge=0, le=86400)
+    exclude_guests: list[GuestRef] = Field(default_factory=list, max_length=1000)
+    busy_guests: Literal["skip", "block"] = "skip"
+    dry_run: bool = False
+
+
+class JobGuestPublic(BaseModel):
+    host: str
+    guest: str
+    paused_at: Timestamp | None
+    resumed_at: Timestamp | None
+    pause_ms: float | None
+    clock_skew_ms: float | None
+    sync_method: str | None
+    sync_outcome: str | None
+    skipped_reason: str | None
+    flagged: str | None
+
+
+class JobPublic(BaseModel):
+    id: int
+    state: str
+    reason: str | None
+    detail: str | None
+    runbook: str
+    params: dict[str, str]
+    hosts: list[str]
+    exclude_guests: list[str]
+    busy_guests: str
+    pause_budget_seconds: float
+    notice_seconds: float
+    not_before: Timestamp | None
+    not_after: Timestamp | None
+    created_by: str
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    guests: list[JobGuestPublic]
+
+
+class PlannedGuestPublic(BaseModel):
+    host: str
+    guest: str
+    action: Literal["pause", "skip"]
+    reason: str | None
+
+
+class PlanPublic(BaseModel):
+    dry_run: Literal[True] = True
+    hosts: list[str]
+    guests: list[PlannedGuestPublic]
+    pause_budget_seconds: float
+    predicted_pause_ms: float | None
+    predicted_from: int
+
+
+class HostCreate(_In):
+    name: Name
+    uri: str = Field(min_length=1, max_length=512)
+    update_domain: int = Field(default=0, ge=0, le=1000)
+    patch_via: Literal["local"] = "local"
+    sync_clock: bool = True
+
+
+class HostPublic(BaseModel):
+    name: str
+    uri: str
+    update_domain: int
+    patch_via: str
+    sync_clock: bool
+    source: str
+
+
+class GuestPublic(BaseModel):
+    name: str
+    uuid: str
+    state: str
+    reason: str
+    active_job: str | None
+    opted_out: bool
+
+
+class HostDetail(HostPublic):
+    reachable: bool
+    error: str | None
+    guests: list[GuestPublic]
+
+
+class RunbookPublic(BaseModel):
+    name: str
+    description: str
+    argv: list[str]
+    timeout_seconds: float
+    params: dict[str, str]
+
+
+class EventPublic(BaseModel):
+    id: int
+    at: Timestamp
+    kind: str
+    job_id: int | None
+    host: str | None
+    guest: str | None
+    actor: str
+    message: str
+    details: dict[str, Any]
+
+
+class TokenCreate(_In):
+    name: Name
+    role: Role
+
+
+class TokenPublic(BaseModel):
+    id: int
+    name: str
+    role: str
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    revoked_at: Timestamp | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="The secret, shown once; store it now.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: str
+    hosts: dict[str, str]

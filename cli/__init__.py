@@ -1,0 +1,1 @@
+"""The maintctl command line."""

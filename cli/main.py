@@ -1,0 +1,162 @@
+"""maintctl: serve the API, manage the database and tokens.
+
+Errors are one readable paragraph on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from controller.errors import MaintctlError
+from controller.settings import Settings, load_settings
+from controller.tokens import Role
+
+app = typer.Typer(
+    help="Memory-preserving host maintenance for libvirt/KVM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+config_app = typer.Typer(help="The configuration file.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML file (default: $MAINTCTL_CONFIG, then "
+        "/etc/maintctl/maintctl.toml if it exists, else built-in defaults)",
+    ),
+]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"maintctl: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def readable_errors(fn: F) -> F:
+    """Turn every expected failure into one paragraph on stderr."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MaintctlError as exc:
+            fail(str(exc))
+        except OperationalError as exc:
+            fail(
+                f"the database cannot be used: {exc.orig}. Check database.url "
+                "(or MAINTCTL_DATABASE_URL) and run `maintctl db upgrade`."
+            )
+        except SQLAlchemyError as exc:
+            fail(f"database error: {exc}")
+        except OSError as exc:
+            fail(str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(config: Path | None) -> Settings:
+    return load_settings(config)
+
+
+@app.command()
+@readable_errors
+def serve(
+    config: ConfigOpt = None,
+    no_migrate: Annotated[
+        bool, typer.Option("--no-migrate", help="Do not apply migrations")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Run the API and the scheduler (applies pending migrations first)."""
+    import uvicorn
+
+    from api.app import create_app
+    from controller.db import upgrade
+
+    settings = _settings(config)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not no_migrate:
+        upgrade(settings.database.url)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@db_app.command("upgrade")
+@readable_errors
+def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from controller.db import upgrade
+
+    upgrade(_settings(config).database.url, revision)
+    typer.echo(f"database is at {revision}")
+
+
+@db_app.command("downgrade")
+@readable_errors
+def db_downgrade(revision: str, config: ConfigOpt = None) -> None:
+    """Revert migrations down to REVISION (base removes everything)."""
+    from controller.db import downgrade
+
+    downgrade(_settings(config).database.url, revision)
+    typer.echo(f"database is at {revision}")
+
+
+@token_app.command("create")
+@readable_errors
+def token_create(
+    role: Annotated[Role, typer.Option(help="viewer, operator or admin")],
+    name: Annotated[str, typer.Option(help="Who uses it; recorded with each of its actions")],
+    config: ConfigOpt = None,
+) -> None:
+    """Create an API token; the token alone is the last line of stdout, shown once."""
+    from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
+    from controller.tokens import create_token
+
+    settings = _settings(config)
+    upgrade(settings.database.url)  # like serve: a first token needs no separate step
+    factory = make_session_factory(make_engine(settings.database.url))
+    with unit_of_work(factory) as s:
+        _, secret = create_token(s, name=name, role=role, actor="cli")
+    typer.echo(f"created {role.value} token {name!r}; it is shown only now:")
+    typer.echo(secret)
+
+
+@config_app.command("check")
+@readable_errors
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate the configuration and summarize it."""
+    s = _settings(config)
+    typer.echo(
+        f"ok: {len(s.hosts)} host(s), {len(s.runbooks)} runbook(s), bind {s.server.bind}, "
+        f"auth {'on' if s.server.auth else 'OFF'}"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

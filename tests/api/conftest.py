@@ -1,0 +1,71 @@
+"""The real app (with its scheduler) over httpx, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
+from controller.engine import EngineContext
+from controller.hypervisor import HypervisorPool
+from controller.libvirt_host import LibvirtHost
+from controller.tokens import Role, create_token
+from tests.conftest import TEST_URI, make_settings, start_test_domains
+
+
+@dataclass
+class Api:
+    client: TestClient
+    tokens: dict[str, str]
+    ctx: EngineContext
+
+    def auth(self, role: str | None) -> dict[str, str]:
+        return {} if role is None else {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    def get(self, path: str, role: str | None = "viewer", **kw):
+        return self.client.get(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
+
+    def post(self, path: str, role: str | None = "operator", **kw):
+        return self.client.post(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
+
+    def delete(self, path: str, role: str | None = "admin", **kw):
+        return self.client.delete(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
+
+    def wait_state(self, job_id: int, states: set[str], timeout: float = 20.0) -> dict:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(f"/api/v1/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} stuck in {job['state']}"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def api(db_url, test_driver) -> Iterator[Api]:
+    start_test_domains(test_driver, ["td-a", "td-b"])
+    settings = make_settings(
+        [{"name": "h1", "uri": TEST_URI, "sync_clock": False}],
+        resume_reserve_seconds=1.0,
+        kill_grace_seconds=0.2,
+    ).model_copy(update={"database": {"url": db_url}})
+    upgrade(db_url)
+    ctx = EngineContext(
+        settings=settings,
+        session_factory=make_session_factory(make_engine(db_url)),
+        hypervisors=HypervisorPool(LibvirtHost),
+    )
+    tokens = {}
+    with unit_of_work(ctx.session_factory) as s:
+        for role in Role:
+            tokens[role.value] = create_token(s, name=f"{role.value}-bot", role=role, actor="test")[
+                1
+            ]
+    with TestClient(create_app(settings, ctx=ctx)) as client:
+        yield Api(client, tokens, ctx)

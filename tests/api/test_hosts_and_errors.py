@@ -1,0 +1,128 @@
+"""Hosts, runbooks, health, and the error contract: RFC 9457 problems with clear details."""
+
+import pytest
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(r, status, *fragments):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == PROBLEM
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["type"]
+    for fragment in fragments:
+        assert fragment in body["detail"], body["detail"]
+    return body
+
+
+def test_healthz_reports_database_and_hosts_without_auth(api):
+    r = api.client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "database": "ok", "hosts": {"h1": "ok"}}
+
+
+def test_healthz_names_an_unreachable_host(api):
+    api.post(
+        "/api/v1/hosts",
+        role="admin",
+        json={"name": "gone", "uri": "qemu+unix:///system?socket=/nonexistent"},
+    )
+    r = api.client.get("/healthz").json()
+    assert r["status"] == "degraded" and r["hosts"]["gone"].startswith("unreachable")
+
+
+def test_hosts_crud_with_roles_and_events(api):
+    assert [h["name"] for h in api.get("/api/v1/hosts").json()] == ["h1"]
+    new = {"name": "h2", "uri": "test:///default", "update_domain": 1, "sync_clock": False}
+    assert_problem(api.post("/api/v1/hosts", role="operator", json=new), 403)
+    r = api.post("/api/v1/hosts", role="admin", json=new)
+    assert r.status_code == 201 and r.json()["source"] == "api"
+    assert_problem(api.post("/api/v1/hosts", role="admin", json=new), 409, "already exists")
+    detail = api.get("/api/v1/hosts/h2").json()
+    assert detail["reachable"] is True
+    assert {g["name"]: g["state"] for g in detail["guests"]} == {
+        "td-a": "running",
+        "td-b": "running",
+    }
+    assert_problem(api.delete("/api/v1/hosts/h1"), 409, "declared in the config file")
+    assert api.delete("/api/v1/hosts/h2").status_code == 204
+    assert_problem(api.get("/api/v1/hosts/h2"), 404, "does not exist")
+    events = api.get("/api/v1/events").json()
+    assert {(e["kind"], e["actor"]) for e in events} >= {
+        ("host_added", "admin-bot"),
+        ("host_removed", "admin-bot"),
+    }
+
+
+def test_runbooks_are_listed_read_only(api):
+    books = {b["name"]: b for b in api.get("/api/v1/runbooks").json()}
+    assert books["sleep"]["argv"] == ["sleep", "{seconds}"]
+    assert books["sleep"]["timeout_seconds"] == 20
+    assert api.post("/api/v1/runbooks", json={}).status_code == 405
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ({"hosts": ["h1"], "runbook": "noop", "command": "rm -rf /"}, ["command: unknown field"]),
+        ({"hosts": ["h1"], "runbook": "noop", "argv": ["sh"]}, ["argv: unknown field"]),
+        ({"hosts": [], "runbook": "noop"}, ["hosts"]),
+        (
+            {"hosts": ["h1"], "runbook": "noop", "not_before": "2030-01-01T00:00:00"},
+            ["not_before", "timezone"],
+        ),
+        ({"hosts": ["h1"], "runbook": "noop", "pause_budget_seconds": 0}, ["pause_budget_seconds"]),
+        (
+            {"hosts": ["h1"], "runbook": "sleep", "params": {"seconds": "1; reboot"}},
+            ["does not match"],
+        ),
+        (
+            {
+                "hosts": ["h1"],
+                "runbook": "sleep",
+                "params": {"seconds": "1"},
+                "pause_budget_seconds": 10,
+            },
+            ["does not fit in the pause budget of 10 s", "20 s"],
+        ),
+        (
+            {"hosts": ["h1"], "runbook": "noop", "pause_budget_seconds": 31},
+            ["exceeds the cap of 30 s"],
+        ),
+        (
+            {"hosts": ["h1"], "runbook": "noop", "pause_budget_seconds": 301},
+            ["pause_budget_seconds", "less than or equal to 300"],
+        ),
+        ({"hosts": ["nope"], "runbook": "noop"}, ["unknown host(s): nope"]),
+        ({"hosts": ["h1"], "runbook": "nope"}, ["unknown runbook 'nope'"]),
+        ({"hosts": ["h1", "h1"], "runbook": "noop"}, ["named twice"]),
+        (
+            {"hosts": ["h1"], "runbook": "noop", "not_after": "2001-01-01T00:00:00Z"},
+            ["in the past"],
+        ),
+        ({"hosts": ["h1"], "runbook": "noop", "params": {"x" * 40: "1"}}, ["params"]),
+    ],
+)
+def test_bad_job_requests_are_422_problems(api, body, fragments):
+    assert_problem(api.post("/api/v1/jobs", json=body), 422, *fragments)
+    assert api.get("/api/v1/jobs").json() == []  # nothing was created
+
+
+def test_budget_over_cap_is_refused_with_numbers(api):
+    r = api.post(
+        "/api/v1/jobs", json={"hosts": ["h1"], "runbook": "noop", "pause_budget_seconds": 45}
+    )
+    assert_problem(r, 422, "exceeds the cap of 30 s")
+
+
+def test_malformed_json_and_oversized_bodies(api):
+    r = api.post("/api/v1/jobs", content=b"{nope", headers={"content-type": "application/json"})
+    assert_problem(r, 422)
+    huge = {"hosts": ["h1"], "runbook": "noop", "exclude_guests": ["x" * 250] * 400}
+    assert_problem(api.post("/api/v1/jobs", json=huge), 413, "limited to")
+
+
+def test_unknown_job_is_404(api):
+    assert_problem(api.get("/api/v1/jobs/424242"), 404, "job 424242 does not exist")
+    assert_problem(api.post("/api/v1/jobs/424242/cancel"), 404)
+    assert_problem(api.get("/api/v1/jobs/424242/events"), 404)
