@@ -395,7 +395,7 @@ class HostCycle:
         if guardian is not None:
             guardian.runbook(proc.pgid)
         # Written while the runbook already runs: the database never lengthens the pause.
-        self._record_pauses(pauses, proc.argv)
+        self._record_pauses(pauses, proc)
         return proc.wait(
             timeout_at=proc.started + self.runbook.timeout_seconds,
             budget_at=budget_at,
@@ -470,7 +470,7 @@ class HostCycle:
                 budget_seconds=self.spec.budget,
             )
 
-    def _record_pauses(self, pauses: list[PauseResult], argv: list[str] | None) -> None:
+    def _record_pauses(self, pauses: list[PauseResult], proc: RunbookProcess | None) -> None:
         with self._tx() as s:
             for p in pauses:
                 if p.paused:
@@ -504,12 +504,13 @@ class HostCycle:
                     self._event(
                         s, "guest_pause_failed", f"{p.guest.name}: {p.error}", guest=p.guest.name
                     )
-            if argv is not None:
+            if proc is not None:
                 self._event(
                     s,
                     "runbook_started",
-                    f"runbook {self.spec.runbook} started",
-                    argv=argv,
+                    f"runbook {self.spec.runbook} started (pid {proc.pgid})",
+                    argv=proc.argv,
+                    pid=proc.pgid,
                     timeout_seconds=self.runbook.timeout_seconds,
                 )
 

@@ -1,0 +1,140 @@
+"""Run the real `maintctl serve` as a subprocess, as an operator would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+MAINTCTL = REPO / ".venv" / "bin" / "maintctl"
+
+CONFIG = """
+[server]
+bind = "127.0.0.1:{port}"
+[database]
+url = "{db_url}"
+[maintenance]
+guardian = {guardian}
+reconcile_interval_seconds = 1.0
+{hosts}
+[runbooks.sleep]
+argv = ["sleep", "{{seconds}}"]
+timeout_seconds = 20
+[runbooks.sleep.params]
+seconds = "^[0-9]{{1,2}}(\\\\.[0-9]{{1,3}})?$"
+[runbooks.noop]
+argv = ["true"]
+timeout_seconds = 5
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def host_block(name: str, uri: str, sync_clock: bool = True, update_domain: int = 0) -> str:
+    return (
+        f'[[hosts]]\nname = "{name}"\nuri = "{uri}"\nupdate_domain = {update_domain}\n'
+        f"sync_clock = {'true' if sync_clock else 'false'}\n"
+    )
+
+
+class Service:
+    def __init__(self, tmp: Path, *, hosts: str, db_url: str | None = None, guardian: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db_url = db_url or f"sqlite:///{tmp / 'maintctl.db'}"
+        self.config = tmp / "maintctl.toml"
+        self.config.write_text(
+            CONFIG.format(
+                port=self.port,
+                db_url=self.db_url,
+                hosts=hosts,
+                guardian="true" if guardian else "false",
+            )
+        )
+        self.log = tmp / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(MAINTCTL), *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
+        )
+
+    def token(self, role: str, name: str) -> str:
+        return (
+            self.cli("token", "create", "--role", role, "--name", name)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+
+    def start(self) -> Service:
+        env = dict(os.environ)
+        env.pop("MAINTCTL_CONFIG", None)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(MAINTCTL), "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code in (200, 503):
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"maintctl serve did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Client:
+    def __init__(self, service: Service, token: str):
+        self.http = httpx.Client(
+            base_url=service.url, timeout=10, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    def job(self, job_id: int) -> dict:
+        r = self.http.get(f"/api/v1/jobs/{job_id}")
+        r.raise_for_status()
+        return r.json()
+
+    def events(self, job_id: int) -> list[dict]:
+        return self.http.get(f"/api/v1/jobs/{job_id}/events").json()
+
+    def wait(self, job_id: int, states: set[str], timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["state"] in states:
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} stuck in {job['state']}"
+            time.sleep(0.05)
