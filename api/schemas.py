@@ -33,18 +33,22 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
 GuestRef = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")]
 ParamValue = Annotated[str, StringConstraints(max_length=256)]
+MAX_ID = 2**63 - 1  # row ids are signed 64-bit on every backend
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields and type coercions ("1" for 1, 0 for false) are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class JobCreate(_In):
     hosts: list[Name] = Field(min_length=1, max_length=1000)
     runbook: Name
     params: dict[ParamName, ParamValue] = Field(default_factory=dict, max_length=32)
-    not_before: AwareDatetime | None = None
-    not_after: AwareDatetime | None = None
+    # Strict mode would want datetime objects; JSON brings RFC 3339 strings.
+    not_before: AwareDatetime | None = Field(default=None, strict=False)
+    not_after: AwareDatetime | None = Field(default=None, strict=False)
     pause_budget_seconds: float | None = Field(default=None, gt=0, le=300)
     notice_seconds: float = Field(default=0.0, ge=0, le=86400)
     exclude_guests: list[GuestRef] = Field(default_factory=list, max_length=1000)
@@ -104,7 +108,12 @@ class PlanPublic(BaseModel):
 
 class HostCreate(_In):
     name: Name
-    uri: str = Field(min_length=1, max_length=512)
+    uri: str = Field(
+        min_length=4,
+        max_length=512,
+        pattern=r"^[a-z][a-z0-9+]*://\S*$",
+        description="Any libvirt URI, e.g. qemu:///system or qemu+ssh://root@host/system",
+    )
     update_domain: int = Field(default=0, ge=0, le=1000)
     patch_via: Literal["local"] = "local"
     sync_clock: bool = True
@@ -156,7 +165,7 @@ class EventPublic(BaseModel):
 
 class TokenCreate(_In):
     name: Name
-    role: Role
+    role: Role = Field(strict=False)
 
 
 class TokenPublic(BaseModel):

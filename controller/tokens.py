@@ -35,6 +35,7 @@ class Role(StrEnum):
 class Principal:
     name: str
     role: Role
+    token_id: int | None = None
 
 
 def hash_token(token: str) -> str:
@@ -67,4 +68,4 @@ def authenticate(session: Session, secret: str) -> Principal | None:
     if row is None or not hmac.compare_digest(row.token_hash, digest) or row.revoked_at:
         return None
     row.last_used_at = utcnow()
-    return Principal(row.name, Role(row.role))
+    return Principal(row.name, Role(row.role), row.id)

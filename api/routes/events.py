@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CtxDep, SessionDep, requires
 from api.routes.jobs import event_public
-from api.schemas import EventPublic
+from api.schemas import MAX_ID, EventPublic
 from controller.db import unit_of_work
 from controller.engine import EngineContext
 from controller.models import Event
@@ -31,7 +31,7 @@ def _after(session: SessionDep, after: int, limit: int) -> list[EventPublic]:
 @router.get("", response_model=list[EventPublic], **requires(Role.VIEWER))
 def list_events(
     session: SessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[EventPublic]:
     """Events with an id greater than `after`, oldest first."""
@@ -52,7 +52,7 @@ def _fetch(ctx: EngineContext, after: int) -> list[EventPublic]:
 async def stream_events(
     request: Request,
     ctx: CtxDep,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events; each id is the event row id, so Last-Event-ID resumes without loss."""

@@ -5,12 +5,13 @@ import json
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CtxDep, PrincipalDep, SchedulerDep, SessionDep, SettingsDep, requires
 from api.schemas import (
+    MAX_ID,
     EventPublic,
     JobCreate,
     JobGuestPublic,
@@ -28,6 +29,7 @@ from controller.tokens import Role
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 IN_FLIGHT_TTL = timedelta(seconds=60)
+JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 IdempotencyHeader = Annotated[
     str | None,
     Header(
@@ -204,7 +206,9 @@ def list_jobs(
     state: Annotated[JobState | None, Query()] = None,
     host: Annotated[str | None, Query(max_length=63)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[int | None, Query(ge=1, description="opaque; from the Link header")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="opaque; from the Link header")
+    ] = None,
 ) -> list[JobPublic]:
     """Jobs, newest first; the next page is in the Link header (rel="next")."""
     query = select(Job).order_by(Job.id.desc())
@@ -232,14 +236,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, **requires(Role.VIEWER))
-def get_job(job_id: int, session: SessionDep) -> JobPublic:
+def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
     """One job with its per-guest outcomes."""
     return job_public(job_service.get_job(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, **requires(Role.OPERATOR))
 def cancel_job(
-    job_id: int, scheduler: SchedulerDep, session: SessionDep, who: PrincipalDep
+    job_id: JobId, scheduler: SchedulerDep, session: SessionDep, who: PrincipalDep
 ) -> JobPublic:
     """Cancel a job that has not started pausing guests."""
     scheduler.cancel(job_id, actor=who.name)
@@ -251,7 +255,7 @@ def cancel_job(
     "/{job_id}/abort", response_model=JobPublic, status_code=202, **requires(Role.OPERATOR)
 )
 def abort_job(
-    job_id: int, scheduler: SchedulerDep, session: SessionDep, who: PrincipalDep
+    job_id: JobId, scheduler: SchedulerDep, session: SessionDep, who: PrincipalDep
 ) -> JobPublic:
     """Abort a running job: kill the runbook and resume every guest now; it ends `aborted`."""
     scheduler.abort(job_id, actor=who.name)
@@ -260,7 +264,7 @@ def abort_job(
 
 
 @router.get("/{job_id}/events", response_model=list[EventPublic], **requires(Role.VIEWER))
-def job_events(job_id: int, session: SessionDep) -> list[EventPublic]:
+def job_events(job_id: JobId, session: SessionDep) -> list[EventPublic]:
     """Every event of one job, oldest first."""
     job_service.get_job(session, job_id)
     rows = session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 from sqlalchemy import select
 
 from api.deps import PrincipalDep, SessionDep, requires
-from api.schemas import TokenCreate, TokenCreated, TokenPublic
-from controller.errors import NotFound
+from api.schemas import MAX_ID, TokenCreate, TokenCreated, TokenPublic
+from controller.errors import Conflict, NotFound
 from controller.events import record_event
 from controller.models import ApiToken, utcnow
 from controller.tokens import Role, create_token
@@ -38,11 +40,15 @@ def add_token(body: TokenCreate, session: SessionDep, who: PrincipalDep) -> Toke
 
 
 @router.delete("/{token_id}", status_code=204, response_class=Response, **requires(Role.ADMIN))
-def revoke_token(token_id: int, session: SessionDep, who: PrincipalDep) -> Response:
-    """Revoke a token (admin)."""
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, who: PrincipalDep
+) -> Response:
+    """Revoke a token (admin); not the one making the request, which would lock you out."""
     row = session.get(ApiToken, token_id)
     if row is None:
         raise NotFound(f"token {token_id} does not exist")
+    if row.id == who.token_id:
+        raise Conflict("a token cannot revoke itself: use another admin token")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         record_event(session, "token_revoked", f"token {row.name}", actor=who.name, token_id=row.id)

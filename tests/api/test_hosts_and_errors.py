@@ -118,8 +118,12 @@ def test_budget_over_cap_is_refused_with_numbers(api):
 def test_malformed_json_and_oversized_bodies(api):
     r = api.post("/api/v1/jobs", content=b"{nope", headers={"content-type": "application/json"})
     assert_problem(r, 422)
-    huge = {"hosts": ["h1"], "runbook": "noop", "exclude_guests": ["x" * 250] * 400}
-    assert_problem(api.post("/api/v1/jobs", json=huge), 413, "limited to")
+    too_many = {"hosts": ["h1"], "runbook": "noop", "exclude_guests": ["x" * 250] * 1001}
+    assert_problem(api.post("/api/v1/jobs", json=too_many), 422, "exclude_guests")
+    huge = {"hosts": ["h1"], "runbook": "noop", "exclude_guests": ["x" * 250] * 5000}
+    assert_problem(api.post("/api/v1/jobs", json=huge), 413, "limited to 1048576 bytes")
+    coerced = {"hosts": ["h1"], "runbook": "noop", "dry_run": 1}
+    assert_problem(api.post("/api/v1/jobs", json=coerced), 422, "dry_run")
 
 
 def test_unknown_job_is_404(api):
