@@ -176,3 +176,17 @@ def test_driver() -> Iterator[libvirt.virConnect]:
 
 def start_test_domains(conn: libvirt.virConnect, names: list[str]) -> list[libvirt.virDomain]:
     return [conn.createXML(TEST_DOMAIN_XML.format(name=n), 0) for n in names]
+
+
+@pytest.fixture(scope="session")
+def second_host() -> Iterator[tuple[str, TestBed, list[BedGuest]]]:
+    """An independent libvirt daemon (another user's session daemon) with one real guest."""
+    from tests.testbed import ensure_session_daemon, session_log_dir
+
+    uri = ensure_session_daemon()
+    testbed = TestBed(uri, log_dir=session_log_dir())
+    testbed.cleanup_stale()
+    guests = testbed.boot(["mtbed-s1"])
+    yield uri, testbed, guests
+    testbed.cleanup_stale()
+    testbed.close()

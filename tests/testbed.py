@@ -210,6 +210,15 @@ def session_uri(user: str = SESSION_USER) -> str:
     return f"qemu+unix:///session?socket={session_socket(user)}"
 
 
+def session_log_dir(user: str = SESSION_USER) -> Path:
+    """Console logs of session guests: written by the user's QEMU, so owned by the user."""
+    entry = pwd.getpwnam(user)
+    path = Path(entry.pw_dir) / "testbed"
+    path.mkdir(exist_ok=True)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
 def ensure_session_daemon(user: str = SESSION_USER) -> str:
     """Create the user if needed and start its session libvirtd; returns the URI root can use."""
     try:
