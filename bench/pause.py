@@ -1,0 +1,250 @@
+"""Pause-window benchmark: maintctl's engine against the naive virsh loop, in the same run.
+
+    python -m bench.pause --guests 8 --cycles 3
+
+For each method and runbook (a no-op and a 2 s sleep) it runs K maintenance cycles over N real
+test-bed guests and reports, per guest and cycle:
+  overhead   pause duration minus runbook duration (pause = from the suspend request to the
+             confirmed resume, an upper bound of the time the guest was stopped)
+  spread     time between the first and the last guest's suspend request
+  skew       |guest clock - host clock| after the sync, read independently through
+             guest-get-time right after the cycle
+Methods: maintctl (the engine, thread fan-out), maintctl-serial (the same engine with one worker
+thread: the sequential alternative), and virsh (suspend loop, runbook, resume loop, domtime --sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+
+from controller import jobs
+from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
+from controller.engine import EngineContext
+from controller.hypervisor import HypervisorPool
+from controller.inventory import sync_config_hosts
+from controller.libvirt_host import LibvirtHost
+from controller.models import Event, Job
+from controller.scheduler import MaintenanceScheduler
+from controller.settings import Settings
+from tests.testbed import SYSTEM_URI, TestBed
+
+RUNBOOKS = {"noop": ["true"], "sleep2": ["sleep", "2"]}
+
+
+@dataclass
+class Sample:
+    method: str
+    runbook: str
+    overhead_ms: list[float] = field(default_factory=list)
+    spread_ms: list[float] = field(default_factory=list)
+    skew_ms: list[float] = field(default_factory=list)
+    # Half the round trip of each skew read: the most the read itself can be off.
+    skew_error_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | str]:
+        return {
+            "method": self.method,
+            "runbook": self.runbook,
+            "overhead_median_ms": round(statistics.median(self.overhead_ms), 1),
+            "overhead_max_ms": round(max(self.overhead_ms), 1),
+            "spread_median_ms": round(statistics.median(self.spread_ms), 1),
+            "spread_max_ms": round(max(self.spread_ms), 1),
+            "skew_median_abs_ms": round(statistics.median(abs(s) for s in self.skew_ms), 2),
+            "skew_max_abs_ms": round(max(abs(s) for s in self.skew_ms), 2),
+            "skew_read_error_max_ms": round(max(self.skew_error_ms), 2),
+        }
+
+
+def independent_skews(bed: TestBed, names: list[str], reads: int = 5) -> list[tuple[float, float]]:
+    """guest-get-time straight through the agent (not through maintctl), against the midpoint of
+    the host clock around the read; of several reads the one with the shortest round trip counts,
+    so the error is at most half of that round trip."""
+    skews = []
+    for name in names:
+        best = None
+        for _ in range(reads):
+            before = time.time_ns()
+            guest = bed.guest_time_ns(name)
+            after = time.time_ns()
+            if best is None or after - before < best[0]:
+                best = (after - before, (guest - (before + after) / 2) / 1e6)
+        skews.append((best[1], best[0] / 2e6))
+    return skews
+
+
+def maintctl_context(db_dir: Path, workers: int) -> EngineContext:
+    url = f"sqlite:///{db_dir / f'bench-{workers}.db'}"
+    upgrade(url)
+    settings = Settings(
+        hosts=[{"name": "local", "uri": SYSTEM_URI}],
+        runbooks={name: {"argv": argv, "timeout_seconds": 10} for name, argv in RUNBOOKS.items()},
+    )
+    factory = make_session_factory(make_engine(url))
+    with unit_of_work(factory) as s:
+        sync_config_hosts(s, settings)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guest-op")
+    return EngineContext(
+        settings=settings,
+        session_factory=factory,
+        hypervisors=HypervisorPool(LibvirtHost),
+        pool=pool,
+    )
+
+
+def maintctl_cycle(
+    ctx: EngineContext, runbook: str, sample: Sample, bed: TestBed, names: list[str]
+) -> None:
+    with unit_of_work(ctx.session_factory) as s:
+        job_id = jobs.submit(
+            s, ctx.settings, jobs.JobRequest(hosts=["local"], runbook=runbook), actor="bench"
+        ).id
+    MaintenanceScheduler(ctx).start_now(job_id)
+    skews = independent_skews(bed, names)
+    with unit_of_work(ctx.session_factory) as s:
+        job = s.get_one(Job, job_id)
+        if job.state not in ("succeeded", "succeeded_with_warnings"):
+            raise RuntimeError(f"job {job_id} ended {job.state}: {job.detail}")
+        for g in job.guests:
+            if g.sync_outcome != "ok":
+                print(
+                    f"  warning: {g.guest}: clock sync {g.sync_outcome} "
+                    f"(skew {g.clock_skew_ms} ms)",
+                    file=sys.stderr,
+                )
+        for e in s.scalars(
+            select(Event).where(Event.job_id == job_id, Event.kind == "clock_sync_failed")
+        ):
+            print(f"  {e.message}: {e.details.get('error')}", file=sys.stderr)
+        finished = s.scalars(
+            select(Event).where(Event.job_id == job_id, Event.kind == "runbook_finished")
+        ).one()
+        runbook_ms = finished.details["duration_s"] * 1000
+        guests = [g for g in job.guests if g.pause_ms is not None]
+        sample.overhead_ms += [g.pause_ms - runbook_ms for g in guests]
+        starts = [g.paused_at for g in guests]
+        sample.spread_ms.append((max(starts) - min(starts)).total_seconds() * 1000)
+    sample.skew_ms += [skew for skew, _ in skews]
+    sample.skew_error_ms += [err for _, err in skews]
+
+
+def virsh(*args: str) -> None:
+    subprocess.run(["virsh", "-q", "-c", SYSTEM_URI, *args], check=True, capture_output=True)
+
+
+def virsh_cycle(runbook: str, sample: Sample, bed: TestBed, names: list[str]) -> None:
+    """What an operator would script: suspend each, patch, resume each, sync each."""
+    requested = {}
+    for name in names:
+        requested[name] = time.monotonic()
+        virsh("suspend", name)
+    started = time.monotonic()
+    subprocess.run(RUNBOOKS[runbook], check=True)
+    runbook_ms = (time.monotonic() - started) * 1000
+    resumed = {}
+    for name in names:
+        virsh("resume", name)
+        resumed[name] = time.monotonic()
+    for name in names:
+        virsh("domtime", name, "--sync")
+    skews = independent_skews(bed, names)
+    sample.skew_ms += [skew for skew, _ in skews]
+    sample.skew_error_ms += [err for _, err in skews]
+    sample.overhead_ms += [(resumed[n] - requested[n]) * 1000 - runbook_ms for n in names]
+    sample.spread_ms.append((max(requested.values()) - min(requested.values())) * 1000)
+
+
+def table(rows: list[dict[str, float | str]]) -> str:
+    cols = [
+        "method",
+        "runbook",
+        "overhead_median_ms",
+        "overhead_max_ms",
+        "spread_median_ms",
+        "spread_max_ms",
+        "skew_median_abs_ms",
+        "skew_max_abs_ms",
+        "skew_read_error_max_ms",
+    ]
+    heads = [
+        "method",
+        "runbook",
+        "overhead median",
+        "overhead max",
+        "spread median",
+        "spread max",
+        "|skew| median",
+        "|skew| max",
+        "read error max",
+    ]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pause")
+    parser.add_argument("--guests", type=int, default=8)
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    bed = TestBed(SYSTEM_URI)
+    bed.cleanup_stale()
+    names = [f"mtbed-bench-{i}" for i in range(1, args.guests + 1)]
+    print(f"booting {len(names)} guests ...", file=sys.stderr)
+    bed.boot(names)
+    time.sleep(3)  # let the guests settle after boot
+    samples: list[Sample] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            contexts = {
+                "maintctl": maintctl_context(Path(tmp), 64),
+                "maintctl-serial": maintctl_context(Path(tmp), 1),
+            }
+            for runbook in RUNBOOKS:
+                for method in ("maintctl", "maintctl-serial", "virsh"):
+                    sample = Sample(method, runbook)
+                    for cycle in range(args.cycles):
+                        print(
+                            f"{method} {runbook} cycle {cycle + 1}/{args.cycles}", file=sys.stderr
+                        )
+                        if method == "virsh":
+                            virsh_cycle(runbook, sample, bed, names)
+                        else:
+                            maintctl_cycle(contexts[method], runbook, sample, bed, names)
+                        time.sleep(1)
+                    samples.append(sample)
+            for ctx in contexts.values():
+                ctx.close()
+    finally:
+        bed.cleanup_stale()
+    rows = [s.summary() for s in samples]
+    result = {
+        "guests": args.guests,
+        "cycles": args.cycles,
+        "results": rows,
+        "raw": [asdict(s) for s in samples],
+    }
+    print(f"\n{args.guests} guests, {args.cycles} cycles per row, all figures in ms\n")
+    print(table(rows))
+    print()
+    print(json.dumps({"guests": args.guests, "cycles": args.cycles, "results": rows}))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
