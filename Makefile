@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export MAINTCTL_TEST_PG_URL ?= postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl
 
-.PHONY: demo test lint typecheck host testbed venv clean
+.PHONY: demo demo-stop test lint typecheck host testbed venv bench clean
 
 host:
 	@deploy/install-debian.sh
@@ -25,6 +25,12 @@ venv: $(STAMP)
 demo: testbed venv
 	@$(VENV)/bin/python -m deploy.demo
 
+demo-stop: venv
+	@$(VENV)/bin/python -m deploy.demo stop
+
+bench: testbed venv
+	@$(VENV)/bin/python -m bench.pause --guests 8 --cycles 3
+
 lint: venv
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
@@ -36,4 +42,4 @@ test: testbed venv lint typecheck
 	@$(VENV)/bin/pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) maintctl.db*
+	rm -rf $(VENV) .demo maintctl.db*

@@ -85,3 +85,12 @@ def test_bad_config_is_one_readable_paragraph(tmp_path, text, expected):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_the_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "maintctl.toml.example"
+    s = load_settings(example)
+    assert s.runbooks["apt-upgrade"].argv[0] == "/usr/bin/apt-get"
+    assert s.maintenance.guardian is True and s.server.auth is True
