@@ -27,9 +27,14 @@ if [ -e /dev/kvm ]; then
 fi
 
 mkdir -p /var/run/libvirt /var/log/libvirt
-if ! pgrep -x virtlogd >/dev/null; then virtlogd -d; fi
-if ! pgrep -x libvirtd >/dev/null; then
+# Ask the system daemons themselves: other users' session daemons share the process names.
+if ! pgrep -u root -x virtlogd >/dev/null; then virtlogd -d; fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  echo "install-debian: starting libvirtd"
   libvirtd -d
-  for _ in $(seq 1 50); do [ -S /var/run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+  for _ in $(seq 1 100); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.1
+  done
 fi
 virsh -c qemu:///system version >/dev/null
