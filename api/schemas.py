@@ -56,7 +56,13 @@ class JobCreate(_In):
     dry_run: bool = False
 
 
-class JobGuestPublic(BaseModel):
+class _Out(BaseModel):
+    """Response bodies, read straight from ORM rows and domain dataclasses."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobGuestPublic(_Out):
     host: str
     guest: str
     paused_at: Timestamp | None
@@ -69,14 +75,14 @@ class JobGuestPublic(BaseModel):
     flagged: str | None
 
 
-class JobPublic(BaseModel):
+class JobPublic(_Out):
     id: int
     state: str
     reason: str | None
     detail: str | None
     runbook: str
     params: dict[str, str]
-    hosts: list[str]
+    hosts: list[str] = Field(validation_alias="host_names")
     exclude_guests: list[str]
     busy_guests: str
     pause_budget_seconds: float
@@ -90,14 +96,14 @@ class JobPublic(BaseModel):
     guests: list[JobGuestPublic]
 
 
-class PlannedGuestPublic(BaseModel):
+class PlannedGuestPublic(_Out):
     host: str
     guest: str
     action: Literal["pause", "skip"]
     reason: str | None
 
 
-class PlanPublic(BaseModel):
+class PlanPublic(_Out):
     dry_run: Literal[True] = True
     hosts: list[str]
     guests: list[PlannedGuestPublic]
@@ -119,7 +125,7 @@ class HostCreate(_In):
     sync_clock: bool = True
 
 
-class HostPublic(BaseModel):
+class HostPublic(_Out):
     name: str
     uri: str
     update_domain: int
@@ -128,7 +134,7 @@ class HostPublic(BaseModel):
     source: str
 
 
-class GuestPublic(BaseModel):
+class GuestPublic(_Out):
     name: str
     uuid: str
     state: str
@@ -143,7 +149,7 @@ class HostDetail(HostPublic):
     guests: list[GuestPublic]
 
 
-class RunbookPublic(BaseModel):
+class RunbookPublic(_Out):
     name: str
     description: str
     argv: list[str]
@@ -151,7 +157,7 @@ class RunbookPublic(BaseModel):
     params: dict[str, str]
 
 
-class EventPublic(BaseModel):
+class EventPublic(_Out):
     id: int
     at: Timestamp
     kind: str
@@ -168,7 +174,7 @@ class TokenCreate(_In):
     role: Role = Field(strict=False)
 
 
-class TokenPublic(BaseModel):
+class TokenPublic(_Out):
     id: int
     name: str
     role: str

@@ -183,8 +183,8 @@ def table(rows: list[dict[str, float | str]]) -> str:
         "overhead max",
         "spread median",
         "spread max",
-        "|skew| median",
-        "|skew| max",
+        "abs skew median",
+        "abs skew max",
         "read error max",
     ]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]

@@ -16,14 +16,7 @@ router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
 
 
 def _public(h: Host) -> HostPublic:
-    return HostPublic(
-        name=h.name,
-        uri=h.uri,
-        update_domain=h.update_domain,
-        patch_via=h.patch_via,
-        sync_clock=h.sync_clock,
-        source=h.source,
-    )
+    return HostPublic.model_validate(h)
 
 
 def _get(session: SessionDep, name: str) -> Host:
@@ -55,17 +48,7 @@ def get_host(name: str, session: SessionDep, ctx: CtxDep) -> HostDetail:
         **base,
         reachable=True,
         error=None,
-        guests=[
-            GuestPublic(
-                name=g.name,
-                uuid=g.uuid,
-                state=g.state.value,
-                reason=g.reason,
-                active_job=g.active_job,
-                opted_out=g.opted_out,
-            )
-            for g in sorted(guests, key=lambda g: g.name)
-        ],
+        guests=[GuestPublic.model_validate(g) for g in sorted(guests, key=lambda g: g.name)],
     )
 
 

@@ -14,9 +14,7 @@ from api.schemas import (
     MAX_ID,
     EventPublic,
     JobCreate,
-    JobGuestPublic,
     JobPublic,
-    PlannedGuestPublic,
     PlanPublic,
 )
 from controller import jobs as job_service
@@ -42,54 +40,11 @@ IdempotencyHeader = Annotated[
 
 
 def job_public(job: Job) -> JobPublic:
-    return JobPublic(
-        id=job.id,
-        state=job.state,
-        reason=job.reason,
-        detail=job.detail,
-        runbook=job.runbook,
-        params=job.params,
-        hosts=job.host_names,
-        exclude_guests=job.exclude_guests,
-        busy_guests=job.busy_guests,
-        pause_budget_seconds=job.pause_budget_seconds,
-        notice_seconds=job.notice_seconds,
-        not_before=job.not_before,
-        not_after=job.not_after,
-        created_by=job.created_by,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        guests=[
-            JobGuestPublic(
-                host=g.host,
-                guest=g.guest,
-                paused_at=g.paused_at,
-                resumed_at=g.resumed_at,
-                pause_ms=g.pause_ms,
-                clock_skew_ms=g.clock_skew_ms,
-                sync_method=g.sync_method,
-                sync_outcome=g.sync_outcome,
-                skipped_reason=g.skipped_reason,
-                flagged=g.flagged,
-            )
-            for g in job.guests
-        ],
-    )
+    return JobPublic.model_validate(job)
 
 
 def event_public(e: Event) -> EventPublic:
-    return EventPublic(
-        id=e.id,
-        at=e.at,
-        kind=e.kind,
-        job_id=e.job_id,
-        host=e.host,
-        guest=e.guest,
-        actor=e.actor,
-        message=e.message,
-        details=e.details,
-    )
+    return EventPublic.model_validate(e)
 
 
 def _request(body: JobCreate) -> job_service.JobRequest:
@@ -159,21 +114,7 @@ def create_job(
     if body.dry_run:
         response.status_code = 200
         plan = job_service.plan(session, settings, ctx.hypervisors, req)
-        return PlanPublic(
-            hosts=plan.hosts,
-            pause_budget_seconds=plan.pause_budget_seconds,
-            predicted_pause_ms=plan.predicted_pause_ms,
-            predicted_from=plan.predicted_from,
-            guests=[
-                PlannedGuestPublic(
-                    host=g.host,
-                    guest=g.guest,
-                    action="pause" if g.action == "pause" else "skip",
-                    reason=g.reason,
-                )
-                for g in plan.guests
-            ],
-        )
+        return PlanPublic.model_validate(plan)
     if idempotency_key is not None:
         body_hash = hashlib.sha256(
             json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()

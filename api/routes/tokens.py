@@ -16,14 +16,7 @@ router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 
 
 def _public(t: ApiToken) -> TokenPublic:
-    return TokenPublic(
-        id=t.id,
-        name=t.name,
-        role=t.role,
-        created_at=t.created_at,
-        last_used_at=t.last_used_at,
-        revoked_at=t.revoked_at,
-    )
+    return TokenPublic.model_validate(t)
 
 
 @router.get("", response_model=list[TokenPublic], **requires(Role.ADMIN))
