@@ -320,7 +320,11 @@ class HostCycle:
             detail = f"runbook program {self.argv[0]!r} is not an executable file on this host"
             return HostResult("runbook_not_executable", detail)
         guardian = self._start_guardian(plan.targets)
-        return self._maintain(hv, plan.targets, guardian)
+        try:
+            return self._maintain(hv, plan.targets, guardian)
+        finally:
+            if guardian is not None:
+                guardian.done()  # idempotent; also when recording the intents failed
 
     def _start_guardian(self, targets: list[GuestInfo]) -> Guardian | None:
         if not (targets and self.settings.guardian) or self.host.uri.startswith("test:"):

@@ -154,6 +154,8 @@ class Guardian:
         self._send(f"runbook {pgid}")
 
     def done(self) -> None:
+        if self._proc.stdin is None or self._proc.stdin.closed:
+            return  # already told
         self._send("done")
         try:
             self._proc.wait(timeout=5)
