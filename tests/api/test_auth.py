@@ -99,6 +99,12 @@ def test_bad_and_revoked_tokens_are_401(api):
     assert api.delete(f"/api/v1/tokens/{token_id}").status_code == 204
     gone = api.client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {secret}"})
     assert gone.status_code == 401
+    events = {(e["kind"], e["actor"]) for e in api.get("/api/v1/events", role="admin").json()}
+    assert {("token_created", "admin-bot"), ("token_revoked", "admin-bot")} <= events
+    itself = api.post("/api/v1/tokens", role="admin", json={"name": "self", "role": "admin"}).json()
+    own = {"Authorization": f"Bearer {itself['token']}"}
+    r = api.client.delete(f"/api/v1/tokens/{itself['id']}", headers=own)
+    assert r.status_code == 409 and "cannot revoke itself" in r.json()["detail"]
 
 
 def test_tokens_are_stored_hashed(api):

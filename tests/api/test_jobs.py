@@ -202,3 +202,30 @@ def test_a_job_that_cannot_start_before_not_after_expires(api):
     late = api.post("/api/v1/jobs", json={**JOB, "not_after": future(1)}).json()
     done = api.wait_state(late["id"], {"expired"}, timeout=10)
     assert done["reason"] == "not_started_before_not_after" and done["guests"] == []
+
+
+def test_missed_start_after_downtime_runs_late_with_an_event(api):
+    """A job due while the service was down (no timer armed) runs late, recorded as such."""
+    from controller import jobs as job_service
+
+    with unit_of_work(api.ctx.session_factory) as s:
+        missed = job_service.submit(
+            s,
+            api.ctx.settings,
+            job_service.JobRequest(
+                hosts=["h1"],
+                runbook="noop",
+                not_before=datetime.now(UTC) - timedelta(seconds=30),
+                not_after=datetime.now(UTC) + timedelta(seconds=60),
+            ),
+            actor="test",
+        ).id
+    api.client.app.state.scheduler.sweep()  # what the 1 s sweep and the start-up re-arm do
+    done = api.wait_state(missed, {"succeeded"})
+    late = [
+        e
+        for e in api.get(f"/api/v1/jobs/{missed}/events").json()
+        if e["kind"] == "job_started_late"
+    ]
+    assert len(late) == 1 and late[0]["details"]["late_seconds"] >= 30
+    assert done["started_at"] > done["not_before"]
