@@ -31,6 +31,16 @@ TEST_URI = "test:///default"
 BED_GUESTS = ["mtbed-g1", "mtbed-g2", "mtbed-g3"]
 
 
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 # --- databases ---------------------------------------------------------------------------------
 
 

@@ -154,28 +154,31 @@ class TestBed:
             print(f"testbed: {name} clock drifts {drift:+.1f} ms/s; rebooting it")
         raise RuntimeError(f"{name}: guest clock still drifts after {BOOT_ATTEMPTS} boots")
 
+    def clock_offset(self, name: str, reads: int = 5) -> tuple[float, float, float]:
+        """(host time s, guest clock - host clock ms, read error bound ms), through the agent.
+
+        Of several guest-get-time reads, the one with the shortest round trip counts (as NTP
+        does): its midpoint error is at most half that round trip.
+        """
+        best: tuple[int, float, float] | None = None
+        for _ in range(reads):
+            before = time.time_ns()
+            guest = self.guest_time_ns(name)
+            after = time.time_ns()
+            if best is None or after - before < best[0]:
+                best = (
+                    after - before,
+                    (before + after) / 2e9,
+                    (guest - (before + after) / 2) / 1e6,
+                )
+        assert best is not None
+        return best[1], best[2], best[0] / 2e6
+
     def clock_drift_ms_per_s(self, name: str, interval: float = 1.0) -> float:
         """How fast the guest clock gains (+) or loses (-) against the host's."""
-
-        def offset() -> tuple[float, float]:
-            # Of several reads, the one with the shortest round trip is the most exact.
-            best: tuple[int, float, float] | None = None
-            for _ in range(5):
-                before = time.time_ns()
-                guest = self.guest_time_ns(name)
-                after = time.time_ns()
-                if best is None or after - before < best[0]:
-                    best = (
-                        after - before,
-                        (before + after) / 2e9,
-                        (guest - (before + after) / 2) / 1e6,
-                    )
-            assert best is not None
-            return best[1], best[2]
-
-        t1, o1 = offset()
+        t1, o1, _ = self.clock_offset(name)
         time.sleep(interval)
-        t2, o2 = offset()
+        t2, o2, _ = self.clock_offset(name)
         return (o2 - o1) / (t2 - t1)
 
     def destroy(self, name: str) -> None:

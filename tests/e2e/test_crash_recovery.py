@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from controller.db import make_engine, make_session_factory, unit_of_work
 from controller.models import Event, PauseIntent
-from tests.conftest import QEMU_URI
+from tests.conftest import QEMU_URI, process_alive
 from tests.e2e.service import Client, Service, host_block
 
 pytestmark = pytest.mark.qemu
@@ -60,15 +60,6 @@ def _recovered_events(db_url, job_id):
             )
         )
         return [e.guest for e in events], open_intents
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def test_restart_reconciles_and_resumes_every_guest_exactly_once(tmp_path, bed, bed_guests):
@@ -120,7 +111,7 @@ def test_the_guardian_resumes_guests_when_the_controller_dies(tmp_path, bed, bed
             lambda: set(_states(bed, names).values()) == {libvirt.VIR_DOMAIN_RUNNING}, 5, "guardian"
         )
         assert time.monotonic() - killed_at < 5
-        _wait(lambda: not _alive(pid), 5, "runbook killed")
+        _wait(lambda: not process_alive(pid), 5, "runbook killed")
 
         service.start()
         client = Client(service, service.token("viewer", "check"))

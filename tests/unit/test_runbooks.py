@@ -1,4 +1,3 @@
-import os
 import threading
 import time
 
@@ -13,6 +12,7 @@ from controller.runbooks import (
     runbook_env,
 )
 from controller.settings import RunbookConfig
+from tests.conftest import process_alive
 
 RB = RunbookConfig(
     argv=["apt-get", "install", "-y", "{package}", "--version={package}"],
@@ -81,15 +81,6 @@ def test_nonzero_exit_is_a_failure():
     assert result.outcome is RunbookOutcome.FAILED and result.exit_code == 3
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
-
-
 def test_budget_watchdog_kills_the_whole_process_group(tmp_path):
     pidfile = tmp_path / "child.pid"
     # The runbook starts a grandchild that ignores TERM: only the group KILL reaches it.
@@ -101,8 +92,8 @@ def test_budget_watchdog_kills_the_whole_process_group(tmp_path):
     assert elapsed < 3.0, elapsed
     child = int(pidfile.read_text())
     time.sleep(0.2)
-    assert not _alive(child)
-    assert not _alive(proc.pgid)
+    assert not process_alive(child)
+    assert not process_alive(proc.pgid)
 
 
 def test_runbook_timeout_before_budget():
