@@ -86,10 +86,6 @@ class ActiveJobs:
                 signal.set()
         return ids
 
-    def ids(self) -> list[int]:
-        with self._lock:
-            return list(self._jobs)
-
 
 @dataclass
 class EngineContext:

@@ -110,7 +110,7 @@ class MaintenanceScheduler:
             due = list(s.scalars(select(Job).where(Job.state == JobState.SCHEDULED.value)))
             for job in due:
                 if job_service.expiry_due(job, now):
-                    self._expire(s, job, now)
+                    self._expire(s, job)
             waiting = [
                 j.id
                 for j in due
@@ -122,7 +122,7 @@ class MaintenanceScheduler:
                 self.arm(job_id, None)
 
     @staticmethod
-    def _expire(s: Session, job: Job, now: datetime) -> None:
+    def _expire(s: Session, job: Job) -> None:
         transition(
             s,
             job,
@@ -153,7 +153,7 @@ class MaintenanceScheduler:
             if job is None or job.state != JobState.SCHEDULED.value:
                 return None
             if job_service.expiry_due(job, now):
-                self._expire(s, job, now)
+                self._expire(s, job)
                 return None
             hosts = set(job.host_names)
             if hosts & self._busy_hosts or self._hosts_busy_elsewhere(s, hosts, job_id):
