@@ -155,8 +155,6 @@ def list_jobs(
     query = select(Job).order_by(Job.id.desc())
     if state is not None:
         query = query.where(Job.state == state.value)
-    if cursor is not None:
-        query = query.where(Job.id < cursor)
     # Host membership lives in a JSON list: filter in Python, fetching in bounded batches.
     page: list[Job] = []
     batch_cursor = cursor
