@@ -117,10 +117,11 @@ def create_app(
         from controller.libvirt_host import LibvirtHost
 
         engine = make_engine(settings.database.url)
+        timeout = settings.maintenance.libvirt_call_timeout_seconds
         ctx = EngineContext(
             settings=settings,
             session_factory=make_session_factory(engine),
-            hypervisors=HypervisorPool(LibvirtHost),
+            hypervisors=HypervisorPool(lambda uri: LibvirtHost(uri, call_timeout=timeout)),
         )
     scheduler = MaintenanceScheduler(ctx)
 

@@ -76,6 +76,7 @@ def maintctl_context(db_dir: Path, workers: int) -> EngineContext:
     upgrade(url)
     settings = Settings(
         hosts=[{"name": "local", "uri": SYSTEM_URI}],
+        database={"url": url, "journal_path": db_dir / f"bench-{workers}.journal"},
         runbooks={name: {"argv": argv, "timeout_seconds": 10} for name, argv in RUNBOOKS.items()},
     )
     factory = make_session_factory(make_engine(url))

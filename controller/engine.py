@@ -1,9 +1,11 @@
 """The maintenance cycle: preflight -> pause -> patch -> resume -> sync, with the budget watchdog.
 
-Every step commits its state change with its event in one short transaction; no transaction is
-held across a libvirt call or the runbook. Between the first pause and the last resume nothing
-may stop the resume: the resume sits in a finally block, and a guardian process resumes the
-guests if this process dies.
+Before the first pause, every step commits its state change with its event in one short
+transaction, and the pause intents are committed before any suspend call. From the first pause
+on, the engine needs no database: what it records goes to the outbox (written in order, kept in
+a local journal while the database is away). Nothing may stop the resume: it starts in a finally
+block, each guest on its own thread that retries until libvirt confirms the guest runs, and a
+guardian process resumes the guests if this process dies.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -20,23 +23,25 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller import runners
 from controller.clock import ClockSync
-from controller.db import unit_of_work
+from controller.db import is_database_outage, unit_of_work
 from controller.errors import HypervisorError, MaintctlError
 from controller.events import record_event
 from controller.guardian import Guardian
 from controller.guest_ops import (
     PauseResult,
-    ResumeResult,
     WallClock,
     fan_out,
+    pause_ms,
     pause_one,
-    resume_one,
-    sync_all,
+    sync_one,
 )
 from controller.hypervisor import GuestInfo, Hypervisor, HypervisorPool
 from controller.inventory import record_guest_states
+from controller.lifecycle import transition
 from controller.models import Host, Job, JobGuest, PauseIntent, utcnow
+from controller.outbox import AddEvent, FinishJob, Op, Outbox, ResolveIntent, UpdateGuest
 from controller.preflight import BusyGuestPolicy, admit, classify_guests
+from controller.resumption import Resumer, ResumeTask, SettleKind, wait_all
 from controller.rollout import host_order
 from controller.runbooks import (
     RunbookOutcome,
@@ -47,9 +52,14 @@ from controller.runbooks import (
     runbook_env,
 )
 from controller.settings import RunbookConfig, Settings
-from controller.states import JobState, advance, is_terminal
+from controller.states import JobState, is_terminal
 
 log = logging.getLogger(__name__)
+
+# Before a host's preflight writes, earlier records must be in the database (event order).
+DRAIN_BEFORE_HOST_SECONDS = 10.0
+# A settled guest's follow-up (record, clock sync) is bounded by the agent and call timeouts.
+FOLLOW_UP_WAIT_SECONDS = 60.0
 
 
 class ActiveJobs:
@@ -97,8 +107,26 @@ class EngineContext:
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=64, thread_name_prefix="guest-op")
     )
+    resumer: Resumer = field(default_factory=Resumer)
+    outbox: Outbox = field(init=False)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.session_factory, self.settings.database.journal_path)
 
     def close(self) -> None:
+        self.stopping.set()
+        left = self.resumer.close(wait=10.0)
+        if left:
+            log.warning(
+                "stopping with %d guest(s) not confirmed running: %s; their intents stay open "
+                "for the guardian and the next start",
+                len(left),
+                ", ".join(t.name for t in left),
+            )
+        unwritten = self.outbox.close()
+        if unwritten:
+            log.warning("stopping with %d record batch(es) in the journal", unwritten)
         self.pool.shutdown(wait=True)
         self.hypervisors.close()
 
@@ -145,6 +173,13 @@ class HostResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    state: JobState
+    reason: str | None = None
+    detail: str = ""
+
+
 class JobFailed(MaintctlError):
     """Ends the job as failed before any guest is paused."""
 
@@ -154,79 +189,57 @@ class JobFailed(MaintctlError):
         self.detail = detail
 
 
-# --- job lifecycle -----------------------------------------------------------------------------
-
-
-def transition(
-    session: Session,
-    job: Job,
-    target: JobState,
-    *,
-    reason: str | None = None,
-    detail: str | None = None,
-    actor: str = "controller",
-    **details: Any,
-) -> None:
-    """Move a job to a new state with its event, in the caller's transaction."""
-    previous = job.state
-    job.state = advance(job.state, target).value
-    if reason is not None:
-        job.reason = reason
-    if detail is not None:
-        job.detail = detail
-    if is_terminal(target):
-        job.finished_at = utcnow()
-    message = f"job {job.id}: {previous} -> {target.value}" + (f" ({reason})" if reason else "")
-    record_event(
-        session,
-        f"job_{target.value}",
-        message,
-        job_id=job.id,
-        actor=actor,
-        previous=previous,
-        reason=reason,
-        detail=detail,
-        **details,
-    )
-
-
-def finish_job(
-    ctx: EngineContext, job_id: int, state: JobState, reason: str | None = None, detail: str = ""
-) -> JobState:
-    with unit_of_work(ctx.session_factory) as s:
-        job = s.get_one(Job, job_id)
-        if is_terminal(job.state):
-            return JobState(job.state)  # cancelled or recovered meanwhile; keep that verdict
-        transition(s, job, state, reason=reason, detail=detail or None)
-    return state
+# --- the job -------------------------------------------------------------------------------------
 
 
 def run_job(*, job_id: int, ctx: EngineContext) -> JobState:
-    """Run a job that the scheduler has claimed (state notifying or running) to its end."""
+    """Run a job that the scheduler has claimed (state notifying or running) to its end.
+
+    The job stays active in this process until its last record is in the database, so that
+    reconciliation never mistakes a job waiting out a database outage for a dead one.
+    """
     abort = ctx.active.add(job_id)
     try:
-        return _run(job_id, ctx, abort)
-    except JobFailed as exc:
-        return finish_job(ctx, job_id, JobState.FAILED, exc.reason, exc.detail)
-    except Exception as exc:
-        log.exception("job %s failed unexpectedly", job_id)
-        return finish_job(
-            ctx, job_id, JobState.FAILED, "internal_error", f"{type(exc).__name__}: {exc}"
+        try:
+            verdict = _run(job_id, ctx, abort)
+        except JobFailed as exc:
+            verdict = Verdict(JobState.FAILED, exc.reason, exc.detail)
+        except Exception as exc:
+            if is_database_outage(exc):
+                detail = f"the database did not answer before the guests were paused: {exc}"
+                verdict = Verdict(JobState.FAILED, "database_unavailable", detail[:2000])
+            else:
+                log.exception("job %s failed unexpectedly", job_id)
+                verdict = Verdict(JobState.FAILED, "internal_error", f"{type(exc).__name__}: {exc}")
+        ctx.outbox.submit(
+            FinishJob(job_id, verdict.state.value, utcnow(), verdict.reason, verdict.detail or None)
         )
+        while not ctx.outbox.drain(timeout=1.0):
+            if ctx.stopping.is_set():
+                return verdict.state  # in the journal; written at the next start
+        return _final_state(ctx, job_id, verdict.state)
     finally:
         ctx.active.remove(job_id)
 
 
-def _run(job_id: int, ctx: EngineContext, abort: threading.Event) -> JobState:
+def _final_state(ctx: EngineContext, job_id: int, asked: JobState) -> JobState:
+    try:
+        with unit_of_work(ctx.session_factory) as s:
+            return JobState(s.get_one(Job, job_id).state)
+    except Exception:
+        return asked
+
+
+def _run(job_id: int, ctx: EngineContext, abort: threading.Event) -> Verdict:
     with unit_of_work(ctx.session_factory) as s:
         spec = JobSpec.of(s.get_one(Job, job_id))
     if spec.state is JobState.NOTIFYING:
         if abort.wait(spec.notice):
-            return finish_job(ctx, job_id, JobState.ABORTED, "aborted", "aborted during the notice")
+            return Verdict(JobState.ABORTED, "aborted", "aborted during the notice")
         with unit_of_work(ctx.session_factory) as s:
             job = s.get_one(Job, job_id)
             if is_terminal(job.state):
-                return JobState(job.state)
+                return Verdict(JobState(job.state))
             transition(s, job, JobState.RUNNING)
 
     runbook = ctx.settings.runbooks.get(spec.runbook)
@@ -248,20 +261,16 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event) -> JobState:
     warnings: list[str] = []
     for host in host_order(hosts):
         if abort.is_set():
-            return finish_job(
-                ctx, job_id, JobState.ABORTED, "aborted", f"aborted before {host.name}"
-            )
+            return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
         result = HostCycle(ctx, spec, host, runbook, argv, abort).run()
         warnings += result.warnings
         if result.failure == "aborted":
-            return finish_job(ctx, job_id, JobState.ABORTED, "aborted", result.detail)
+            return Verdict(JobState.ABORTED, "aborted", result.detail)
         if result.failure:
-            return finish_job(ctx, job_id, JobState.FAILED, result.failure, result.detail)
+            return Verdict(JobState.FAILED, result.failure, result.detail)
     if warnings:
-        return finish_job(
-            ctx, job_id, JobState.SUCCEEDED_WITH_WARNINGS, "clock_sync", "; ".join(warnings)
-        )
-    return finish_job(ctx, job_id, JobState.SUCCEEDED)
+        return Verdict(JobState.SUCCEEDED_WITH_WARNINGS, "clock_sync", "; ".join(warnings))
+    return Verdict(JobState.SUCCEEDED)
 
 
 def _load_hosts(ctx: EngineContext, names: list[str]) -> list[HostRef]:
@@ -292,6 +301,14 @@ class HostCycle:
         self.runbook, self.argv, self.abort = runbook, argv, abort
         self.settings = ctx.settings.maintenance
         self.wall = WallClock()
+        self.hv: Hypervisor | None = None
+        self.hard_at = 0.0  # first pause + budget, monotonic
+        self.resume_started = 0.0
+        self.paused_at: dict[str, datetime] = {}  # confirmed pauses only
+        self.tasks: dict[str, ResumeTask] = {}
+        self.pause_ms: dict[str, float] = {}
+        self._verify_lock = threading.Lock()
+        self._heartbeat_failed = False
 
     def _tx(self) -> Any:
         return unit_of_work(self.ctx.session_factory)
@@ -299,8 +316,20 @@ class HostCycle:
     def _event(self, s: Session, kind: str, message: str, **kw: Any) -> None:
         record_event(s, kind, message, job_id=self.spec.id, host=self.host.name, **kw)
 
+    def _add_event(self, kind: str, message: str, guest: str | None = None, **details: Any) -> Op:
+        return AddEvent(
+            kind, message, utcnow(), self.spec.id, self.host.name, guest, details=details
+        )
+
+    def _guest_update(self, guest: GuestInfo | ResumeTask, **values: Any) -> Op:
+        uuid = guest.uuid
+        return UpdateGuest(self.spec.id, self.host.name, guest.name, uuid, values)
+
     def run(self) -> HostResult:
-        hv = self.ctx.hypervisors.get(self.host.uri)
+        if not self.ctx.outbox.drain(timeout=DRAIN_BEFORE_HOST_SECONDS):
+            detail = f"the database does not answer; nothing was paused on {self.host.name}"
+            return HostResult("database_unavailable", detail)
+        hv = self.hv = self.ctx.hypervisors.get(self.host.uri)
         try:
             guests = hv.list_guests()
         except HypervisorError as exc:
@@ -320,17 +349,35 @@ class HostCycle:
             return self._maintain(hv, plan.targets, guardian)
         finally:
             if guardian is not None:
-                guardian.done()  # idempotent; also when recording the intents failed
+                self._release_guardian(guardian)
 
     def _start_guardian(self, targets: list[GuestInfo]) -> Guardian | None:
         if not (targets and self.settings.guardian) or self.host.uri.startswith("test:"):
             return None  # test:/// state lives inside this process; no other process can see it
         try:
-            return Guardian.start(self.host.uri, self.settings.kill_grace_seconds)
+            return Guardian.start(
+                self.host.uri,
+                self.settings.kill_grace_seconds,
+                call_timeout=self.settings.libvirt_call_timeout_seconds,
+            )
         except HypervisorError as exc:
             raise JobFailed(
                 "guardian_unavailable", f"refusing to pause without a guardian: {exc}"
             ) from None
+
+    def _release_guardian(self, guardian: Guardian) -> None:
+        """Tell the guardian it is done once every guest of this host is settled, not before."""
+        waiting = [t.finished for t in self.tasks.values() if not t.finished.is_set()]
+        if not waiting:
+            guardian.done()  # idempotent; also when recording the intents failed
+            return
+
+        def release() -> None:
+            for event in waiting:
+                event.wait()
+            guardian.done()
+
+        threading.Thread(target=release, name="guardian-release", daemon=True).start()
 
     def _maintain(
         self, hv: Hypervisor, targets: list[GuestInfo], guardian: Guardian | None
@@ -342,35 +389,37 @@ class HostCycle:
             guardian.arm(time.time() + self.spec.budget)
         first_pause = time.monotonic()
         budget_at = first_pause + self.spec.budget - self.settings.resume_reserve_seconds
+        self.hard_at = first_pause + self.spec.budget
         pauses: list[PauseResult] = []
         rb: RunbookResult | None = None
-        resumes: list[ResumeResult] = []
         try:
             pauses = fan_out(self.ctx.pool, lambda g: pause_one(hv, g), targets)
             rb = self._patch(budget_at, guardian, pauses)
         finally:
-            # Guests first: whatever happened above, every guest we paused is resumed now.
-            ours = [p.guest for p in pauses if p.paused] if pauses or not targets else targets
-            resumes = fan_out(self.ctx.pool, lambda g: resume_one(hv, g), ours)
-            if guardian is not None:
-                guardian.done()
-        if rb is not None:
-            self._record_runbook(rb)
-        self._record_resumes(pauses, resumes)
-        syncs = sync_all(
-            self.ctx.pool,
-            hv,
-            [r.guest for r in resumes],
-            enabled=self.host.sync_clock,
-            agent_timeout=self.settings.agent_timeout_seconds,
-            retry_seconds=self.settings.clock_sync_retry_seconds,
-        )
-        self._record_syncs(resumes, syncs)
-        return self._verdict(rb, resumes, syncs)
+            # Guests first: whatever happened above, every guest we may have paused is resumed.
+            try:
+                if rb is not None:
+                    self._record_runbook(rb)  # queued in memory: costs the guests nothing
+            finally:
+                maybe_paused = (
+                    [p.guest for p in pauses if p.paused or p.uncertain] if pauses else targets
+                )
+                self._resume_all(hv, maybe_paused)
+        return self._verdict(rb, self._await_resumes())
+
+    def _resume_all(self, hv: Hypervisor, guests: list[GuestInfo]) -> None:
+        self.resume_started = time.monotonic()
+        for guest in guests:
+            self.tasks[guest.uuid] = self.ctx.resumer.resume(
+                hv, guest.uuid, guest.name, then=self._after_resume
+            )
 
     def _patch(
         self, budget_at: float, guardian: Guardian | None, pauses: list[PauseResult]
     ) -> RunbookResult:
+        for p in pauses:
+            if p.paused:
+                self.paused_at[p.guest.uuid] = self.wall.at(p.started)
         if self.abort.is_set():
             self._record_pauses(pauses, None)
             return RunbookResult(
@@ -394,7 +443,7 @@ class HostCycle:
             return RunbookResult(RunbookOutcome.FAILED, None, 0.0, "", "", f"cannot start: {exc}")
         if guardian is not None:
             guardian.runbook(proc.pgid)
-        # Written while the runbook already runs: the database never lengthens the pause.
+        # Queued while the runbook already runs: the database never lengthens the pause.
         self._record_pauses(pauses, proc)
         return proc.wait(
             timeout_at=proc.started + self.runbook.timeout_seconds,
@@ -408,10 +457,117 @@ class HostCycle:
         try:
             with self._tx() as s:
                 s.execute(update(Job).where(Job.id == self.spec.id).values(heartbeat_at=utcnow()))
-        except Exception:  # a heartbeat must never disturb the pause window
-            log.warning("heartbeat for job %s failed", self.spec.id, exc_info=True)
+            self._heartbeat_failed = False
+        except Exception as exc:  # a heartbeat must never disturb the pause window
+            if not self._heartbeat_failed:
+                log.warning("heartbeat for job %s failed: %s", self.spec.id, exc)
+            self._heartbeat_failed = True
 
-    # --- recording: one short transaction each, never across a hypervisor call --------------
+    # --- after the resume: each guest's follow-up runs on its own resume thread -------------
+
+    def _after_resume(self, task: ResumeTask) -> ClockSync | None:
+        settled = task.settled
+        assert settled is not None
+        resumed_at = self.wall.at(settled.mono)
+        paused_at = self.paused_at.get(task.uuid)
+        late = " (late: it was resume_pending)" if task.was_pending else ""
+        if settled.kind is SettleKind.RUNNING:
+            ms = None if paused_at is None else pause_ms(paused_at, resumed_at)
+            if ms is not None:
+                self.pause_ms[task.uuid] = ms
+            said = f"resumed after {ms} ms" if ms is not None else "running (pause unconfirmed)"
+            self.ctx.outbox.submit(
+                ResolveIntent(self.spec.id, task.uuid, "resumed", resumed_at),
+                self._guest_update(
+                    task, resumed_at=resumed_at, pause_ms=ms, status="resumed", flagged=None
+                ),
+                self._add_event(
+                    "guest_resumed",
+                    f"{task.name} {said}{late}",
+                    task.name,
+                    pause_ms=ms,
+                    was_paused=settled.we_resumed,
+                    attempts=settled.attempts,
+                    late=task.was_pending,
+                ),
+            )
+            return self._sync(task)
+        resolution = "gone" if settled.kind is SettleKind.GONE else "flagged"
+        self.ctx.outbox.submit(
+            ResolveIntent(self.spec.id, task.uuid, resolution, resumed_at),
+            self._guest_update(task, flagged=settled.note[:255], status="flagged"),
+            self._add_event(
+                "guest_left_paused" if resolution == "flagged" else "guest_gone",
+                f"{task.name}: {settled.note}; left as it is{late}",
+                task.name,
+                note=settled.note,
+            ),
+        )
+        return None
+
+    def _sync(self, task: ResumeTask) -> ClockSync:
+        assert self.hv is not None
+        c = sync_one(
+            self.hv,
+            task.uuid,
+            enabled=self.host.sync_clock,
+            agent_timeout=self.settings.agent_timeout_seconds,
+            retry_seconds=self.settings.clock_sync_retry_seconds,
+            verify_lock=self._verify_lock,
+        )
+        skew = "" if c.skew_ms is None else f", skew {c.skew_ms:+.3f} ms"
+        self.ctx.outbox.submit(
+            self._guest_update(
+                task,
+                clock_skew_ms=c.skew_ms,
+                sync_method=c.method.value,
+                sync_outcome=c.outcome.value,
+            ),
+            self._add_event(
+                "clock_synced" if not c.is_warning else "clock_sync_failed",
+                f"{task.name}: {c.outcome.value} via {c.method.value}{skew}",
+                task.name,
+                method=c.method.value,
+                outcome=c.outcome.value,
+                skew_ms=c.skew_ms,
+                attempts=c.attempts,
+                error=c.error,
+            ),
+        )
+        return c
+
+    def _await_resumes(self) -> list[ResumeTask]:
+        """Wait for the guests' resumes; mark slow ones resume_pending; stop at the budget.
+
+        A guest not confirmed running within the call timeout is recorded resume_pending and
+        keeps being retried in the background. The job waits for it until the hard budget (or
+        the call timeout, if that is later), then ends with its true verdict; the late resume
+        is recorded when it happens.
+        """
+        tasks = list(self.tasks.values())
+        pending_at = self.resume_started + self.settings.libvirt_call_timeout_seconds
+        wait_all([t.finished for t in tasks], pending_at)
+        for t in tasks:
+            if t.mark_pending():
+                waited = time.monotonic() - self.resume_started
+                self.ctx.outbox.submit(
+                    self._guest_update(t, status="resume_pending"),
+                    self._add_event(
+                        "resume_pending",
+                        f"{t.name}: not confirmed running after {waited:.1f} s "
+                        f"({t.last_error or 'no answer yet'}); still retrying",
+                        t.name,
+                        error=t.last_error,
+                    ),
+                )
+        wait_all([t.settled_event for t in tasks], max(self.hard_at, pending_at))
+        wait_all(
+            [t.finished for t in tasks if t.settled is not None],
+            time.monotonic() + FOLLOW_UP_WAIT_SECONDS,
+        )
+        return tasks
+
+    # --- recording before the pause: one short transaction each ------------------------------
 
     def _record_preflight(
         self,
@@ -429,6 +585,7 @@ class HostCycle:
                         guest=guest.name,
                         guest_uuid=guest.uuid,
                         skipped_reason=why,
+                        status="skipped",
                     )
                 )
                 kind = "guest_blocking" if (guest, why) in blockers else "guest_skipped"
@@ -470,129 +627,61 @@ class HostCycle:
                 budget_seconds=self.spec.budget,
             )
 
+    # --- recording from the first pause on: through the outbox -------------------------------
+
     def _record_pauses(self, pauses: list[PauseResult], proc: RunbookProcess | None) -> None:
-        with self._tx() as s:
-            for p in pauses:
-                if p.paused:
-                    s.add(
-                        JobGuest(
-                            job_id=self.spec.id,
-                            host=self.host.name,
-                            guest=p.guest.name,
-                            guest_uuid=p.guest.uuid,
-                            paused_at=self.wall.at(p.started),
-                        )
-                    )
-                    self._event(
-                        s,
+        ops: list[Op] = []
+        for p in pauses:
+            if p.paused:
+                ops += [
+                    self._guest_update(
+                        p.guest, paused_at=self.paused_at[p.guest.uuid], status="paused"
+                    ),
+                    self._add_event(
                         "guest_paused",
                         f"{p.guest.name} paused",
-                        guest=p.guest.name,
+                        p.guest.name,
                         suspend_ms=round((p.finished - p.started) * 1000, 3),
-                    )
-                else:
-                    s.add(
-                        JobGuest(
-                            job_id=self.spec.id,
-                            host=self.host.name,
-                            guest=p.guest.name,
-                            guest_uuid=p.guest.uuid,
-                            skipped_reason=f"not paused: {p.error}",
-                        )
-                    )
-                    self._resolve_intent(s, p.guest.uuid, "not_paused")
-                    self._event(
-                        s, "guest_pause_failed", f"{p.guest.name}: {p.error}", guest=p.guest.name
-                    )
-            if proc is not None:
-                self._event(
-                    s,
+                    ),
+                ]
+            elif p.uncertain:
+                ops += [
+                    self._guest_update(p.guest, status="paused"),
+                    self._add_event(
+                        "guest_pause_uncertain",
+                        f"{p.guest.name}: {p.error}; resumed afterwards to be sure",
+                        p.guest.name,
+                    ),
+                ]
+            else:
+                ops += [
+                    self._guest_update(
+                        p.guest, skipped_reason=f"not paused: {p.error}"[:255], status="not_paused"
+                    ),
+                    self._add_event(
+                        "guest_pause_failed", f"{p.guest.name}: {p.error}", p.guest.name
+                    ),
+                ]
+        if proc is not None:
+            ops.append(
+                self._add_event(
                     "runbook_started",
                     f"runbook {self.spec.runbook} started (pid {proc.pgid})",
                     argv=proc.argv,
                     pid=proc.pgid,
                     timeout_seconds=self.runbook.timeout_seconds,
                 )
-
-    def _resolve_intent(self, s: Session, uuid: str, resolution: str) -> None:
-        s.execute(
-            update(PauseIntent)
-            .where(
-                PauseIntent.job_id == self.spec.id,
-                PauseIntent.guest_uuid == uuid,
-                PauseIntent.resolved_at.is_(None),
             )
-            .values(resolved_at=utcnow(), resolution=resolution)
-        )
-
-    def _outcome_row(self, s: Session, guest: GuestInfo) -> JobGuest:
-        row = s.scalars(
-            select(JobGuest).where(
-                JobGuest.job_id == self.spec.id,
-                JobGuest.host == self.host.name,
-                JobGuest.guest_uuid == guest.uuid,
-            )
-        ).one_or_none()
-        if row is None:  # only if the pause step itself crashed before it recorded anything
-            row = JobGuest(
-                job_id=self.spec.id, host=self.host.name, guest=guest.name, guest_uuid=guest.uuid
-            )
-            s.add(row)
-        return row
-
-    def _record_resumes(self, pauses: list[PauseResult], resumes: list[ResumeResult]) -> None:
-        started = {p.guest.uuid: p.started for p in pauses}
-        with self._tx() as s:
-            for r in resumes:
-                row = self._outcome_row(s, r.guest)
-                row.resumed_at = self.wall.at(r.finished)
-                if r.guest.uuid in started:
-                    row.pause_ms = round((r.finished - started[r.guest.uuid]) * 1000, 3)
-                row.flagged = r.flagged
-                if r.flagged:
-                    self._resolve_intent(s, r.guest.uuid, "flagged")
-                    self._event(
-                        s,
-                        "guest_resume_failed",
-                        f"{r.guest.name}: {r.flagged}",
-                        guest=r.guest.name,
-                        pause_ms=row.pause_ms,
-                    )
-                else:
-                    self._resolve_intent(s, r.guest.uuid, "resumed")
-                    self._event(
-                        s,
-                        "guest_resumed",
-                        f"{r.guest.name} resumed after {row.pause_ms} ms",
-                        guest=r.guest.name,
-                        pause_ms=row.pause_ms,
-                        was_paused=r.resumed,
-                    )
-
-    def _record_syncs(self, resumes: list[ResumeResult], syncs: list[ClockSync]) -> None:
-        with self._tx() as s:
-            for r, c in zip(resumes, syncs, strict=True):
-                row = self._outcome_row(s, r.guest)
-                row.clock_skew_ms = c.skew_ms
-                row.sync_method = c.method.value
-                row.sync_outcome = c.outcome.value
-                skew = "" if c.skew_ms is None else f", skew {c.skew_ms:+.3f} ms"
-                self._event(
-                    s,
-                    "clock_synced" if not c.is_warning else "clock_sync_failed",
-                    f"{r.guest.name}: {c.outcome.value} via {c.method.value}{skew}",
-                    guest=r.guest.name,
-                    method=c.method.value,
-                    outcome=c.outcome.value,
-                    skew_ms=c.skew_ms,
-                    attempts=c.attempts,
-                    error=c.error,
-                )
+        self.ctx.outbox.submit(*ops)
+        # Resolving never stops a batch that records other guests, so each goes on its own.
+        for p in pauses:
+            if not p.paused and not p.uncertain:
+                at = self.wall.at(p.finished)
+                self.ctx.outbox.submit(ResolveIntent(self.spec.id, p.guest.uuid, "not_paused", at))
 
     def _record_runbook(self, rb: RunbookResult) -> None:
-        with self._tx() as s:
-            self._event(
-                s,
+        ops: list[Op] = [
+            self._add_event(
                 "runbook_finished",
                 f"runbook {self.spec.runbook}: {rb.outcome.value} (exit {rb.exit_code}) "
                 f"after {rb.duration_s:.3f} s",
@@ -603,25 +692,53 @@ class HostCycle:
                 stderr=rb.stderr,
                 error=rb.error,
             )
-            if rb.outcome is RunbookOutcome.BUDGET_EXCEEDED:
-                self._event(
-                    s,
+        ]
+        if rb.outcome is RunbookOutcome.BUDGET_EXCEEDED:
+            ops.append(
+                self._add_event(
                     "budget_exceeded",
                     f"runbook still running at the budget deadline: killed after pausing "
                     f"{self.spec.budget:g} s - {self.settings.resume_reserve_seconds:g} s reserve",
                 )
+            )
+        self.ctx.outbox.submit(*ops)
 
-    def _verdict(
-        self, rb: RunbookResult | None, resumes: list[ResumeResult], syncs: list[ClockSync]
-    ) -> HostResult:
-        flagged = [r for r in resumes if r.flagged]
+    # --- the verdict -----------------------------------------------------------------------
+
+    def _over_budget(self, tasks: list[ResumeTask]) -> list[str]:
+        limit_ms = self.spec.budget * 1000
+        over = []
+        for t in tasks:
+            if t.settled is None:
+                over.append(f"{t.name} still paused at the {self.spec.budget:g} s budget")
+            elif self.pause_ms.get(t.uuid, 0.0) > limit_ms:
+                over.append(
+                    f"{t.name} paused {self.pause_ms[t.uuid] / 1000:.1f} s against a "
+                    f"{self.spec.budget:g} s budget"
+                )
+        if over:
+            self.ctx.outbox.submit(
+                self._add_event(
+                    "budget_exceeded",
+                    "; ".join(over),
+                    guests=[t.name for t in tasks if t.settled is None]
+                    + [t.name for t in tasks if self.pause_ms.get(t.uuid, 0.0) > limit_ms],
+                )
+            )
+        return over
+
+    def _verdict(self, rb: RunbookResult | None, tasks: list[ResumeTask]) -> HostResult:
+        over = self._over_budget(tasks)
+        flagged = [t for t in tasks if t.settled is not None and not t.settled.running]
+        syncs = [t for t in tasks if isinstance(t.result, ClockSync)]
         warnings = [
-            f"{r.guest.name}: clock {c.outcome.value}"
-            for r, c in zip(resumes, syncs, strict=True)
-            if c.is_warning
+            f"{t.name}: clock {t.result.outcome.value}" for t in syncs if t.result.is_warning
         ]
+        if over:
+            return HostResult("budget_exceeded", "; ".join(over), warnings)
         if flagged:
-            names = ", ".join(f"{r.guest.name} ({r.flagged})" for r in flagged)
+            assert all(t.settled is not None for t in flagged)
+            names = ", ".join(f"{t.name} ({t.settled.note})" for t in flagged if t.settled)
             return HostResult(
                 "guest_not_resumed", f"guests not running after resume: {names}", warnings
             )

@@ -50,6 +50,13 @@ class HostUnavailable(HypervisorError):
     """The host's libvirt daemon cannot be reached."""
 
 
+class CallTimedOut(HypervisorError):
+    """A libvirt call did not return in time; it was left to finish on its own thread.
+
+    Its outcome is unknown: a suspend or resume may still take effect when it returns.
+    """
+
+
 class GuestNotFound(HypervisorError):
     """No guest with that UUID on the host."""
 
@@ -60,3 +67,7 @@ class AgentUnavailable(HypervisorError):
 
 class Unsupported(HypervisorError):
     """The driver or the guest agent does not support the operation."""
+
+
+class DatabaseUnavailable(MaintctlError):
+    """The database did not answer; what was being recorded waits in the outbox."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -20,11 +21,15 @@ def record_event(
     host: str | None = None,
     guest: str | None = None,
     actor: str = "controller",
+    at: datetime | None = None,
     **details: Any,
 ) -> Event:
-    """Add an event to the session: it commits with the state change it describes, or not at all."""
+    """Add an event to the session: it commits with the state change it describes, or not at all.
+
+    `at` is when it happened, if that was earlier than now (an event written from the outbox).
+    """
     event = Event(
-        at=utcnow(),
+        at=at or utcnow(),
         kind=kind,
         job_id=job_id,
         host=host,

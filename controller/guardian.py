@@ -4,6 +4,9 @@ The engine starts one guardian process per host cycle before it pauses anything 
 over a pipe. If the controller dies (the pipe closes without "done"), or the hard pause budget
 passes while the controller is stuck, the guardian TERMs the runbook's process group, resumes every
 watched guest that is still paused by the API, and KILLs the runbook after the grace period.
+Resuming uses the engine's own loop (resumption.py): it reconnects and retries until libvirt
+confirms each guest runs, so a libvirtd restarted meanwhile only delays it. After the controller
+is gone the guardian stays until every watched guest is settled.
 The guardian writes nothing to the database: the next reconciliation records what happened.
 
 Protocol, one line each on stdin: "watch <uuid>", "arm <epoch deadline>", "runbook <pgid>", "done".
@@ -18,12 +21,13 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from controller.errors import HypervisorError
 from controller.hypervisor import Hypervisor
+from controller.resumption import resume_until_settled
 
 READY = "ready"
 START_TIMEOUT_SECONDS = 15.0
@@ -33,48 +37,72 @@ def _log(message: str) -> None:
     print(f"maintctl-guardian[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
-def _resume_if_ours(hv: Hypervisor, uuid: str) -> str:
-    try:
-        info = hv.guest(uuid)
-        if not info.paused_by_user:
-            return f"{uuid}: left alone ({info.state}/{info.reason})"
-        hv.resume(uuid)
-        return f"{uuid}: resumed"
-    except HypervisorError as exc:
-        return f"{uuid}: resume failed: {exc}"
+class Rescue:
+    """Resume the watched guests on threads of their own, so stdin is still read meanwhile."""
 
+    def __init__(self, hv: Hypervisor, watched: list[str], pgid: int | None, grace: float) -> None:
+        self.stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._resume, args=(hv, uuid), daemon=True) for uuid in watched
+        ]
+        self._pgid, self._grace = pgid, grace
 
-def rescue(hv: Hypervisor, watched: list[str], pgid: int | None, grace: float, why: str) -> None:
-    _log(f"rescuing {len(watched)} guest(s): {why}")
-    if pgid is not None:
+    def start(self, why: str) -> Rescue:
+        _log(f"rescuing {len(self._threads)} guest(s): {why}")
+        if self._pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._pgid, signal.SIGTERM)
+        for thread in self._threads:
+            thread.start()
+        if self._pgid is not None:
+            threading.Thread(target=self._kill_runbook, daemon=True).start()
+        return self
+
+    def _kill_runbook(self) -> None:
+        time.sleep(self._grace)
+        assert self._pgid is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-    if watched:
-        with ThreadPoolExecutor(max_workers=min(32, len(watched))) as pool:
-            for line in pool.map(lambda u: _resume_if_ours(hv, u), watched):
-                _log(line)
-    if pgid is not None:
-        time.sleep(grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(self._pgid, signal.SIGKILL)
+
+    def _resume(self, hv: Hypervisor, uuid: str) -> None:
+        failures: list[str] = []
+
+        def note(error: str) -> None:
+            failures.append(error)
+            if len(failures) in (1, 10) or len(failures) % 100 == 0:
+                _log(f"{uuid}: not resumed yet (attempt {len(failures)}): {error}")
+
+        settled = resume_until_settled(hv, uuid, stop=self.stop, on_failure=note)
+        if settled is not None:
+            _log(f"{uuid}: {settled.kind.value}: {settled.note}")
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        time.sleep(self._grace if self._pgid is not None else 0)
 
 
 def serve(hv: Hypervisor, stdin: IO[str], grace: float) -> int:
     watched: list[str] = []
     deadline: float | None = None
     pgid: int | None = None
+    rescue: Rescue | None = None
     fd = stdin.fileno()
     buffer = b""
     while True:
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            rescue(hv, watched, pgid, grace, "the hard pause budget passed")
+            rescue = Rescue(hv, watched, pgid, grace).start("the hard pause budget passed")
             deadline = None
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
-            rescue(hv, watched, pgid, grace, "the controller went away")
+            if rescue is None:
+                rescue = Rescue(hv, watched, pgid, grace).start("the controller went away")
+            else:
+                _log("the controller went away; the rescue goes on")
+            rescue.wait()
             return 1
         buffer += chunk
         *lines, rest = buffer.split(b"\n")
@@ -88,6 +116,8 @@ def serve(hv: Hypervisor, stdin: IO[str], grace: float) -> int:
             elif verb == "runbook":
                 pgid = int(arg)
             elif verb == "done":
+                if rescue is not None:
+                    rescue.stop.set()
                 return 0
 
 
@@ -95,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maintctl-guardian")
     parser.add_argument("--uri", required=True)
     parser.add_argument("--grace", type=float, default=1.0)
+    parser.add_argument("--call-timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
     # A terminal's Ctrl-C or the service's SIGTERM must not kill the switch before it can act.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from controller.libvirt_host import LibvirtHost
 
-    hv = LibvirtHost(args.uri)
+    hv = LibvirtHost(args.uri, call_timeout=args.call_timeout)
     try:
         hv.ping()
     except HypervisorError as exc:
@@ -118,9 +149,10 @@ class Guardian:
         self._proc = proc
 
     @classmethod
-    def start(cls, uri: str, grace: float) -> Guardian:
+    def start(cls, uri: str, grace: float, *, call_timeout: float = 5.0) -> Guardian:
+        argv = [sys.executable, "-m", "controller.guardian", "--uri", uri, "--grace", str(grace)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.guardian", "--uri", uri, "--grace", str(grace)],
+            [*argv, "--call-timeout", str(call_timeout)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,10 +1,12 @@
-"""Concurrent pause, resume and clock sync of one host's guests, with precise timings.
+"""Concurrent pause and clock sync of one host's guests, with precise timings.
 
-No database here: these run inside the pause window and only touch the hypervisor.
+No database here: these run inside the pause window and only touch the hypervisor. Resuming
+lives in resumption.py: it never gives up, so it runs on threads of its own.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,14 +21,11 @@ from controller.clock import (
     set_guest_clock,
     verify_guest_clock,
 )
-from controller.errors import HypervisorError
-from controller.hypervisor import GuestInfo, GuestState, Hypervisor
+from controller.errors import CallTimedOut, HostUnavailable, HypervisorError
+from controller.hypervisor import GuestInfo, Hypervisor
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-RESUME_ATTEMPTS = 3
-RESUME_RETRY_SECONDS = 0.2
 
 
 class WallClock:
@@ -40,6 +39,14 @@ class WallClock:
         return self._wall + timedelta(seconds=mono - self._mono)
 
 
+def pause_ms(paused_at: datetime, resumed_at: datetime) -> float:
+    """A guest's pause in ms, from just before the suspend request to the confirmed resume.
+
+    The one place a pause is measured: the engine, the late resumes and recovery all use it.
+    """
+    return round((resumed_at - paused_at).total_seconds() * 1000, 3)
+
+
 @dataclass(frozen=True)
 class PauseResult:
     guest: GuestInfo
@@ -47,14 +54,9 @@ class PauseResult:
     started: float  # monotonic, just before the suspend call
     finished: float
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class ResumeResult:
-    guest: GuestInfo
-    resumed: bool
-    finished: float  # monotonic, when libvirt confirmed the resume
-    flagged: str | None = None  # libvirt's reason when the guest did not come back running
+    # The call was abandoned or the connection dropped mid-call: it may still pause the guest,
+    # so the guest is resumed (and its intent kept open) as if it had been paused.
+    uncertain: bool = False
 
 
 def fan_out(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -67,53 +69,31 @@ def pause_one(hv: Hypervisor, guest: GuestInfo) -> PauseResult:
     started = time.monotonic()
     try:
         paused = hv.suspend(guest.uuid)
-        error = None if paused else "was not running any more"
+        return PauseResult(
+            guest, paused, started, time.monotonic(), None if paused else "was not running any more"
+        )
+    except (CallTimedOut, HostUnavailable) as exc:
+        return PauseResult(guest, False, started, time.monotonic(), str(exc), uncertain=True)
     except HypervisorError as exc:
-        paused, error = False, str(exc)
-    return PauseResult(guest, paused, started, time.monotonic(), error)
+        return PauseResult(guest, False, started, time.monotonic(), str(exc))
 
 
-def resume_one(hv: Hypervisor, guest: GuestInfo) -> ResumeResult:
-    """Resume once (retrying only a failed call), then check it did not pause again on its own."""
-    error = ""
-    for attempt in range(RESUME_ATTEMPTS):
-        try:
-            resumed = hv.resume(guest.uuid)
-            finished = time.monotonic()
-            break
-        except HypervisorError as exc:
-            error = str(exc)
-            if attempt + 1 < RESUME_ATTEMPTS:
-                time.sleep(RESUME_RETRY_SECONDS)
-    else:
-        return ResumeResult(guest, False, time.monotonic(), f"resume failed: {error}")
-    try:
-        now = hv.guest(guest.uuid)
-    except HypervisorError as exc:
-        return ResumeResult(guest, resumed, finished, f"state unknown after resume: {exc}")
-    if now.state is not GuestState.RUNNING:
-        # Paused again by itself (e.g. ioerror): flag it; it is never resumed in a loop.
-        return ResumeResult(guest, resumed, finished, f"{now.state.value} ({now.reason})")
-    return ResumeResult(guest, resumed, finished)
-
-
-def sync_all(
-    pool: ThreadPoolExecutor,
+def sync_one(
     hv: Hypervisor,
-    guests: Sequence[GuestInfo],
+    uuid: str,
     *,
     enabled: bool,
     agent_timeout: int,
     retry_seconds: float,
-) -> list[ClockSync]:
-    """Set every clock at once (a dead agent delays nobody), then verify and refine one by one."""
+    verify_lock: threading.Lock,
+) -> ClockSync:
+    """Set the clock at once (sets of many guests overlap: a dead agent delays nobody), then
+    verify and refine under verify_lock, one guest at a time (a set issued while many guests wake
+    up reaches the guest late; alone it is accurate to a few ms)."""
     if not enabled:
-        return [ClockSync(SyncMethod.NONE, SyncOutcome.DISABLED) for _ in guests]
-    first = fan_out(
-        pool,
-        lambda g: set_guest_clock(
-            hv, g.uuid, agent_timeout_seconds=agent_timeout, retry_seconds=retry_seconds
-        ),
-        guests,
+        return ClockSync(SyncMethod.NONE, SyncOutcome.DISABLED)
+    first = set_guest_clock(
+        hv, uuid, agent_timeout_seconds=agent_timeout, retry_seconds=retry_seconds
     )
-    return [verify_guest_clock(hv, g.uuid, c) for g, c in zip(guests, first, strict=True)]
+    with verify_lock:
+        return verify_guest_clock(hv, uuid, first)

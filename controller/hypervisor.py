@@ -1,7 +1,8 @@
 """The Hypervisor protocol: what the engine needs from a host, and the values it returns.
 
 libvirt_host.py is the real implementation. Each method is one hypervisor call, so the engine
-decides the order and the concurrency.
+decides the order and the concurrency; each returns or raises within the host's call deadline
+(CallTimedOut when the call was abandoned).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import Protocol
 # <maintctl:maintenance xmlns:maintctl="https://maintctl.dev/xmlns/1" optout="yes"/>
 METADATA_NAMESPACE = "https://maintctl.dev/xmlns/1"
 METADATA_KEY = "maintctl"
+# libvirt's pause reasons that mean "paused through the API", as maintctl pauses ("unknown" when
+# libvirt lost track, e.g. across a daemon restart). Any other reason (ioerror, watchdog,
+# migration, save, snapshot, ...) is not ours: such a guest is flagged and left alone.
+OUR_PAUSE_REASONS = frozenset({"user", "unknown"})
 
 
 class GuestState(StrEnum):
@@ -39,7 +44,7 @@ class GuestInfo:
     @property
     def paused_by_user(self) -> bool:
         """Paused through the API (virDomainSuspend), as we pause; not by an I/O error."""
-        return self.state is GuestState.PAUSED and self.reason == "user"
+        return self.state is GuestState.PAUSED and self.reason in OUR_PAUSE_REASONS
 
 
 class Hypervisor(Protocol):
@@ -53,11 +58,14 @@ class Hypervisor(Protocol):
     def guest(self, uuid: str) -> GuestInfo:
         """Raise GuestNotFound if the host has no such guest."""
 
+    def state(self, uuid: str) -> tuple[GuestState, str]:
+        """The guest's state and libvirt's reason, cheaply: answers even while a call is stuck."""
+
     def suspend(self, uuid: str) -> bool:
         """Pause with RAM resident; False (and nothing done) if the guest was not running."""
 
     def resume(self, uuid: str) -> bool:
-        """Resume; False (and nothing done) if the guest was not paused."""
+        """Resume; False (and nothing done) unless it was paused for one of OUR_PAUSE_REASONS."""
 
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         """Bound every later agent call (libvirt waits forever by default)."""

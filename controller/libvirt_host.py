@@ -1,4 +1,9 @@
-"""The only module that imports libvirt. Every libvirtError is translated in _translate()."""
+"""The only module that imports libvirt. Every libvirtError is translated in _translate().
+
+Every call has a deadline (controller/deadlines.py): a call that does not return, because a
+guest's QEMU or libvirtd itself is hung, is abandoned and raises CallTimedOut, and the next call
+to the same guest's state waits for it rather than racing it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from xml.etree import ElementTree
 
 import libvirt
 
+from controller.deadlines import SerialCalls, call_with_deadline
 from controller.errors import (
     AgentUnavailable,
     GuestNotFound,
@@ -54,6 +60,14 @@ _UNSUPPORTED = {
 }
 _AGENT_DOWN = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_TIMEOUT}
 _HOST_DOWN = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+# A guest paused through the API (as we pause) or whose reason libvirt lost is ours to resume;
+# an I/O error, a watchdog, a migration, a save or a snapshot is not.
+_OUR_PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER, libvirt.VIR_DOMAIN_PAUSED_UNKNOWN}
+_CONTROL_BUSY = {
+    libvirt.VIR_DOMAIN_CONTROL_OCCUPIED: "monitor_busy",
+    libvirt.VIR_DOMAIN_CONTROL_ERROR: "control_error",
+}
+DEFAULT_CALL_TIMEOUT = 5.0
 
 
 def _translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
@@ -66,7 +80,7 @@ def _translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
         return AgentUnavailable(message, code=code)
     if code in _UNSUPPORTED or "not currently supported" in message:
         return Unsupported(message, code=code)
-    if code in _HOST_DOWN:
+    if code in _HOST_DOWN or "socket is closed" in message:
         return HostUnavailable(message, code=code)
     return HypervisorError(message, code=code)
 
@@ -82,10 +96,12 @@ def _libvirt_errors(what: str) -> Iterator[None]:
 class LibvirtHost:
     """One libvirt connection per host, opened lazily under a lock and re-tested before use."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
         self.uri = uri
+        self.call_timeout = call_timeout
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
+        self._state_changes = SerialCalls()
 
     def _connection(self) -> libvirt.virConnect:
         with self._lock:
@@ -109,34 +125,68 @@ class LibvirtHost:
         with _libvirt_errors(f"guest {uuid} on {self.uri}"):
             return self._connection().lookupByUUIDString(uuid)
 
+    def _bounded(self, what: str, fn: Callable[[], T]) -> T:
+        return call_with_deadline(fn, self.call_timeout, f"{what} on {self.uri}")
+
     def _call(self, uuid: str, what: str, fn: Callable[[libvirt.virDomain], T]) -> T:
-        dom = self._domain(uuid)
-        with _libvirt_errors(f"{what} {dom.name()} on {self.uri}"):
-            return fn(dom)
+        def run() -> T:
+            dom = self._domain(uuid)
+            with _libvirt_errors(f"{what} {dom.name()} on {self.uri}"):
+                return fn(dom)
+
+        return self._bounded(f"{what} {uuid}", run)
+
+    def _state_change(self, uuid: str, what: str, fn: Callable[[libvirt.virDomain], T]) -> T:
+        """One suspend or resume per guest in flight: a later one waits for it, bounded."""
+
+        def run() -> T:
+            dom = self._domain(uuid)
+            with _libvirt_errors(f"{what} {dom.name()} on {self.uri}"):
+                return fn(dom)
+
+        return self._state_changes.call(
+            uuid, run, self.call_timeout, f"{what} {uuid} on {self.uri}"
+        )
 
     def ping(self) -> None:
-        with _libvirt_errors(f"ping {self.uri}"):
-            self._connection().getLibVersion()
+        def run() -> None:
+            with _libvirt_errors(f"ping {self.uri}"):
+                self._connection().getLibVersion()
+
+        self._bounded("ping", run)
 
     def list_guests(self) -> list[GuestInfo]:
-        with _libvirt_errors(f"list guests on {self.uri}"):
-            domains = self._connection().listAllDomains(0)
-        guests = []
-        for dom in domains:
-            try:
-                guests.append(self._info(dom))
-            except GuestNotFound:
-                continue  # undefined between the listing and the lookup
-        return guests
+        def run() -> list[GuestInfo]:
+            with _libvirt_errors(f"list guests on {self.uri}"):
+                domains = self._connection().listAllDomains(0)
+            guests = []
+            for dom in domains:
+                try:
+                    guests.append(self._info(dom))
+                except GuestNotFound:
+                    continue  # undefined between the listing and the lookup
+            return guests
+
+        return self._bounded("list guests", run)
 
     def guest(self, uuid: str) -> GuestInfo:
-        return self._info(self._domain(uuid))
+        return self._bounded(f"inspect {uuid}", lambda: self._info(self._domain(uuid)))
+
+    def state(self, uuid: str) -> tuple[GuestState, str]:
+        def read(dom: libvirt.virDomain) -> tuple[GuestState, str]:
+            return self._state_of(dom)
+
+        return self._call(uuid, "read state of", read)
+
+    @staticmethod
+    def _state_of(dom: libvirt.virDomain) -> tuple[GuestState, str]:
+        code, reason_code = dom.state()
+        state = _STATES.get(code, GuestState.OTHER)
+        return state, _REASONS.get(state, {}).get(reason_code, str(reason_code))
 
     def _info(self, dom: libvirt.virDomain) -> GuestInfo:
         with _libvirt_errors(f"inspect guest on {self.uri}"):
-            code, reason_code = dom.state()
-            state = _STATES.get(code, GuestState.OTHER)
-            reason = _REASONS.get(state, {}).get(reason_code, str(reason_code))
+            state, reason = self._state_of(dom)
             return GuestInfo(
                 uuid=dom.UUIDString(),
                 name=dom.name(),
@@ -148,6 +198,13 @@ class LibvirtHost:
 
     @staticmethod
     def _active_job(dom: libvirt.virDomain) -> str | None:
+        # virDomainGetControlInfo needs no domain job, so it answers even while a state change
+        # is stuck in QEMU; virDomainGetJobInfo would wait 30 s for the job lock.
+        control = dom.controlInfo()[0]
+        if control in _CONTROL_BUSY:
+            return _CONTROL_BUSY[control]
+        if control != libvirt.VIR_DOMAIN_CONTROL_JOB:
+            return None
         try:
             job_type = dom.jobInfo()[0]
         except libvirt.libvirtError as exc:
@@ -178,16 +235,23 @@ class LibvirtHost:
             dom.suspend()  # virDomainSuspend: vCPUs stop, RAM stays resident
             return True
 
-        return self._call(uuid, "suspend", _suspend)
+        return self._state_change(uuid, "suspend", _suspend)
 
     def resume(self, uuid: str) -> bool:
         def _resume(dom: libvirt.virDomain) -> bool:
-            if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            state, reason = dom.state()
+            if state != libvirt.VIR_DOMAIN_PAUSED or reason not in _OUR_PAUSE_REASONS:
                 return False
-            dom.resume()
+            try:
+                dom.resume()
+            except libvirt.libvirtError as exc:
+                # Resumed meanwhile by another connection (the guardian, an operator).
+                if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                    return False
+                raise _translate(exc, f"resume {dom.name()} on {self.uri}") from None
             return True
 
-        return self._call(uuid, "resume", _resume)
+        return self._state_change(uuid, "resume", _resume)
 
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         self._call(uuid, "set agent timeout", lambda d: d.agentSetResponseTimeout(seconds, 0))
@@ -207,8 +271,13 @@ class LibvirtHost:
         return int(t["seconds"]) * 1_000_000_000 + int(t["nseconds"])
 
     def close(self) -> None:
-        with self._lock:
+        # A connect stuck on a hung libvirtd holds the lock: give up on it rather than hang.
+        if not self._lock.acquire(timeout=1.0):
+            return
+        try:
             if self._conn is not None:
                 with suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
+        finally:
+            self._lock.release()

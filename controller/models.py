@@ -141,8 +141,10 @@ class JobGuest(Base):
     sync_method: Mapped[str | None] = mapped_column(String(16), default=None)
     sync_outcome: Mapped[str | None] = mapped_column(String(32), default=None)
     skipped_reason: Mapped[str | None] = mapped_column(String(255), default=None)
-    # Set when libvirt would not resume the guest or it paused again on its own.
+    # Set when the guest was found paused for a reason not ours, shut off, or gone: left alone.
     flagged: Mapped[str | None] = mapped_column(String(255), default=None)
+    # skipped | not_paused | paused | resume_pending | resumed | flagged (GuestStatus)
+    status: Mapped[str | None] = mapped_column(String(16), default=None)
 
     job: Mapped[Job] = relationship(back_populates="guests")
 
@@ -161,6 +163,22 @@ class PauseIntent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
     resolution: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class JournalBatch(Base):
+    """A batch replayed from the local journal; marks it applied in the same transaction."""
+
+    __tablename__ = "journal_batches"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HealthProbe(Base):
+    """One row /healthz rewrites to prove the database accepts writes."""
+
+    __tablename__ = "health_probe"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Event(Base):

@@ -1,10 +1,12 @@
-"""Reconcile pause intents against libvirt after a crash: resume what we paused and nobody resumed.
+"""Reconcile pause intents against libvirt: resume what we paused and nobody confirmed resumed.
 
-An unresolved intent whose job is not actively running anywhere means the controller died between
-pausing and recording the resume. Reconciliation reads libvirt's actual state (never the database
-alone) and resumes only guests that are paused by the API, as we pause; a guest paused by an I/O
-error or shut off is left as it is. Each intent is resolved exactly once, with its event, by a
-conditional UPDATE, so two reconcilers can never both claim it.
+An unresolved intent whose job is not running anywhere means a controller died between pausing
+and recording the resume. Such an intent is still ours, whatever happened since: it is handed to
+the resumer, which retries (reconnecting) until libvirt answers and the guest runs, or until the
+guest is found paused for a reason that is not ours (an I/O error, a watchdog, a migration),
+shut off or gone, which is left as it is and flagged. A failed connection is never an answer.
+Each intent is resolved exactly once, with its event, by a conditional UPDATE in the outbox, so
+two reconcilers (or a reconciler and the engine) can never both record it.
 """
 
 from __future__ import annotations
@@ -13,18 +15,17 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 
 from controller.clock import ClockSync
 from controller.db import unit_of_work
-from controller.engine import EngineContext, transition
-from controller.errors import GuestNotFound, HypervisorError
-from controller.events import record_event
-from controller.guest_ops import fan_out, resume_one, sync_all
-from controller.hypervisor import GuestInfo, GuestState
+from controller.engine import EngineContext
+from controller.guest_ops import pause_ms, sync_one
+from controller.lifecycle import transition
 from controller.models import Host, Job, JobGuest, PauseIntent, utcnow
+from controller.outbox import AddEvent, ResolveIntent, UpdateGuest
+from controller.resumption import ResumeTask, SettleKind
 from controller.runners import runner_alive
 from controller.states import ACTIVE, JobState, is_terminal
 
@@ -40,15 +41,8 @@ class OpenIntent:
     host_uri: str
     guest: str
     uuid: str
-
-
-@dataclass(frozen=True)
-class Recovery:
-    intent: OpenIntent
-    resolution: str  # recovered | gone | left_alone
-    note: str
-    sync: ClockSync | None = None
-    resumed_at: datetime | None = None
+    paused_at: datetime | None  # from the job's guest record, if the pause was recorded
+    sync_clock: bool
 
 
 def _job_is_alive(ctx: EngineContext, job: Job, now: datetime) -> bool:
@@ -62,14 +56,30 @@ def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
     now = utcnow()
     with unit_of_work(ctx.session_factory) as s:
         rows = s.execute(
-            select(PauseIntent, Job)
+            select(PauseIntent, Job, JobGuest.paused_at, Host.sync_clock)
             .join(Job, Job.id == PauseIntent.job_id)
+            .outerjoin(
+                JobGuest,
+                (JobGuest.job_id == PauseIntent.job_id)
+                & (JobGuest.host == PauseIntent.host)
+                & (JobGuest.guest_uuid == PauseIntent.guest_uuid),
+            )
+            .outerjoin(Host, Host.name == PauseIntent.host)
             .where(PauseIntent.resolved_at.is_(None))
             .order_by(PauseIntent.id)
         ).all()
         intents = [
-            OpenIntent(i.id, i.job_id, i.host, i.host_uri, i.guest, i.guest_uuid)
-            for i, job in rows
+            OpenIntent(
+                i.id,
+                i.job_id,
+                i.host,
+                i.host_uri,
+                i.guest,
+                i.guest_uuid,
+                paused_at,
+                True if sync_clock is None else sync_clock,
+            )
+            for i, job, paused_at, sync_clock in rows
             if not _job_is_alive(ctx, job, now)
         ]
         stale_jobs = [
@@ -80,98 +90,63 @@ def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
     return intents, stale_jobs
 
 
-def _recover_host(ctx: EngineContext, uri: str, intents: list[OpenIntent]) -> list[Recovery]:
-    hv = ctx.hypervisors.get(uri)
-    sync_enabled = _sync_enabled(ctx, intents[0].host)
-    found: list[tuple[OpenIntent, GuestInfo]] = []
-    results: list[Recovery] = []
-    for intent in intents:
-        try:
-            found.append((intent, hv.guest(intent.uuid)))
-        except GuestNotFound:
-            results.append(Recovery(intent, "gone", "the guest no longer exists"))
-        except HypervisorError as exc:
-            log.warning("reconcile: %s unreachable, will retry: %s", uri, exc)
-            return results  # keep the rest open; the next pass retries
-    ours = [(i, g) for i, g in found if g.paused_by_user or g.state is GuestState.RUNNING]
-    for intent, guest in found:
-        if (intent, guest) not in ours:
-            note = f"left as it is: {guest.state.value} ({guest.reason})"
-            results.append(Recovery(intent, "left_alone", note))
-    # Guests first: resume everything at once, then sync clocks.
-    resumes = fan_out(ctx.pool, lambda ig: resume_one(hv, ig[1]), ours)
-    m = ctx.settings.maintenance
-    syncs = sync_all(
-        ctx.pool,
-        hv,
-        [r.guest for r in resumes],
-        enabled=sync_enabled,
-        agent_timeout=m.agent_timeout_seconds,
-        retry_seconds=m.clock_sync_retry_seconds,
-    )
-    for (intent, _guest), r, c in zip(ours, resumes, syncs, strict=True):
-        if r.flagged:
-            results.append(Recovery(intent, "left_alone", f"resume did not hold: {r.flagged}", c))
-            continue
-        note = (
-            "resumed" if r.resumed else "already running again (resumed by the guardian or by hand)"
-        )
-        results.append(Recovery(intent, "recovered", note, c, utcnow()))
-    return results
+class _Recovery:
+    """The follow-up of one recovered guest: sync its clock, then record it once."""
 
+    def __init__(self, ctx: EngineContext, intent: OpenIntent) -> None:
+        self.ctx, self.intent = ctx, intent
 
-def _sync_enabled(ctx: EngineContext, host_name: str) -> bool:
-    with unit_of_work(ctx.session_factory) as s:
-        host = s.scalars(select(Host).where(Host.name == host_name)).one_or_none()
-        return True if host is None else host.sync_clock
-
-
-def _record(ctx: EngineContext, recovery: Recovery) -> bool:
-    i = recovery.intent
-    with unit_of_work(ctx.session_factory) as s:
-        claimed: CursorResult[Any] = s.execute(  # type: ignore[assignment]
-            update(PauseIntent)
-            .where(PauseIntent.id == i.id, PauseIntent.resolved_at.is_(None))
-            .values(resolved_at=utcnow(), resolution=recovery.resolution)
-        )
-        if claimed.rowcount != 1:
-            return False  # someone else resolved it meanwhile
-        row = s.scalars(
-            select(JobGuest).where(
-                JobGuest.job_id == i.job_id, JobGuest.host == i.host, JobGuest.guest_uuid == i.uuid
+    def __call__(self, task: ResumeTask) -> ClockSync | None:
+        i, settled = self.intent, task.settled
+        assert settled is not None
+        sync: ClockSync | None = None
+        values: dict[str, object]
+        if settled.kind is SettleKind.RUNNING:
+            m = self.ctx.settings.maintenance
+            sync = sync_one(
+                self.ctx.hypervisors.get(i.host_uri),
+                i.uuid,
+                enabled=i.sync_clock,
+                agent_timeout=m.agent_timeout_seconds,
+                retry_seconds=m.clock_sync_retry_seconds,
+                verify_lock=threading.Lock(),
             )
-        ).one_or_none()
-        c = recovery.sync
-        if row is not None and recovery.resumed_at is not None:
-            row.resumed_at = recovery.resumed_at
-            if row.paused_at is not None:
-                row.pause_ms = round(
-                    (recovery.resumed_at - row.paused_at).total_seconds() * 1000, 3
-                )
-        if row is not None and c is not None:
-            row.clock_skew_ms, row.sync_method, row.sync_outcome = (
-                c.skew_ms,
-                c.method.value,
-                c.outcome.value,
-            )
-        if row is not None and recovery.resolution == "left_alone":
-            row.flagged = recovery.note
-        kind = {"recovered": "guest_recovered", "gone": "intent_resolved"}.get(
-            recovery.resolution, "guest_left_paused"
+            ms = None if i.paused_at is None else pause_ms(i.paused_at, settled.wall)
+            values = {"resumed_at": settled.wall, "pause_ms": ms, "status": "resumed"}
+            values |= {
+                "clock_skew_ms": sync.skew_ms,
+                "sync_method": sync.method.value,
+                "sync_outcome": sync.outcome.value,
+            }
+            resolution, kind = "recovered", "guest_recovered"
+            note = "resumed" if settled.we_resumed else settled.note
+        elif settled.kind is SettleKind.GONE:
+            values = {"flagged": settled.note, "status": "flagged"}
+            resolution, kind, note = "gone", "intent_resolved", settled.note
+        else:
+            note = f"left as it is: {settled.note}"
+            values = {"flagged": note[:255], "status": "flagged"}
+            resolution, kind = "left_alone", "guest_left_paused"
+        self.ctx.outbox.submit(
+            ResolveIntent(i.job_id, i.uuid, resolution, settled.wall, intent_id=i.id),
+            UpdateGuest(i.job_id, i.host, i.guest, i.uuid, values),
+            AddEvent(
+                kind,
+                f"{i.guest}: {note}",
+                utcnow(),
+                i.job_id,
+                i.host,
+                i.guest,
+                actor="reconciler",
+                details={
+                    "resolution": resolution,
+                    "sync_outcome": None if sync is None else sync.outcome.value,
+                    "skew_ms": None if sync is None else sync.skew_ms,
+                    "attempts": settled.attempts,
+                },
+            ),
         )
-        record_event(
-            s,
-            kind,
-            f"{i.guest}: {recovery.note}",
-            job_id=i.job_id,
-            host=i.host,
-            guest=i.guest,
-            actor="reconciler",
-            resolution=recovery.resolution,
-            sync_outcome=None if c is None else c.outcome.value,
-            skew_ms=None if c is None else c.skew_ms,
-        )
-    return True
+        return sync
 
 
 def _interrupt(ctx: EngineContext, job_ids: set[int]) -> None:
@@ -190,17 +165,22 @@ def _interrupt(ctx: EngineContext, job_ids: set[int]) -> None:
             )
 
 
-def reconcile(*, ctx: EngineContext) -> list[Recovery]:
-    """One reconciliation pass; safe to call at any time, from any thread."""
+def reconcile(*, ctx: EngineContext) -> list[ResumeTask]:
+    """One reconciliation pass; safe to call at any time, from any thread.
+
+    Returns the resume tasks it started; each records its guest once it is settled.
+    """
     with _reconcile_lock:
         intents, stale_jobs = _orphans(ctx)
-        by_uri: dict[str, list[OpenIntent]] = {}
+        if ctx.outbox.backlog():
+            return []  # records still on their way would change the picture: next pass
+        tasks = []
         for intent in intents:
-            by_uri.setdefault(intent.host_uri, []).append(intent)
-        done: list[Recovery] = []
-        for uri, group in by_uri.items():
-            for recovery in _recover_host(ctx, uri, group):
-                if _record(ctx, recovery):
-                    done.append(recovery)
-        _interrupt(ctx, {r.intent.job_id for r in done} | set(stale_jobs))
-        return done
+            if ctx.resumer.holds(intent.host_uri, intent.uuid):
+                continue  # already in hand (a late resume of a job of this process)
+            hv = ctx.hypervisors.get(intent.host_uri)
+            tasks.append(
+                ctx.resumer.resume(hv, intent.uuid, intent.guest, then=_Recovery(ctx, intent))
+            )
+        _interrupt(ctx, set(stale_jobs) | {i.job_id for i in intents})
+        return tasks

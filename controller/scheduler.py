@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session
 
 from controller import jobs as job_service
 from controller.db import unit_of_work
-from controller.engine import EngineContext, run_job, transition
+from controller.engine import EngineContext, run_job
 from controller.errors import Conflict
 from controller.events import record_event
+from controller.lifecycle import transition
 from controller.models import Job, utcnow
 from controller.recovery import reconcile
 from controller.runners import runner_alive
@@ -80,6 +81,7 @@ class MaintenanceScheduler:
             log.warning(
                 "shutting down: aborting running jobs %s; their guests are resumed", aborted
             )
+        self.ctx.stopping.set()  # a job waiting for the database leaves its records journaled
         self._aps.shutdown(wait=True)
 
     def _reconcile(self) -> None:

@@ -71,6 +71,10 @@ class ServerSettings(_Strict):
 
 class DatabaseSettings(_Strict):
     url: str = "sqlite:///./maintctl.db"
+    # Where records wait, fsynced, while the database does not answer (relative to the working
+    # directory). Put it on another file system than a SQLite database, so a full disk under the
+    # database does not also stop the journal.
+    journal_path: Path = Path("maintctl.journal")
 
 
 class HostConfig(_Strict):
@@ -138,6 +142,11 @@ class MaintenanceSettings(_Strict):
     # A watchdog process per paused host that resumes the guests if this process dies.
     guardian: bool = True
     max_parallel_jobs: int = Field(default=4, ge=1, le=64)
+    # Every libvirt call is abandoned after this long (a hung QEMU or libvirtd); a resume that
+    # is not confirmed by then is recorded resume_pending and retried in the background.
+    libvirt_call_timeout_seconds: float = Field(default=5.0, ge=0.5, le=120)
+    # How far ahead not_before may be.
+    schedule_horizon_days: int = Field(default=366, ge=1, le=3660)
 
     @model_validator(mode="after")
     def _consistent(self) -> MaintenanceSettings:

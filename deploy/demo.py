@@ -29,6 +29,7 @@ bind = "127.0.0.1:8080"
 
 [database]
 url = "sqlite:///{db}"
+journal_path = "{journal}"
 
 [[hosts]]
 name = "local"
@@ -87,7 +88,9 @@ def main() -> int:
     from tests.testbed import TestBed  # the same bed the tests use
 
     STATE.mkdir(exist_ok=True)
-    CONFIG.write_text(CONFIG_TEXT.format(db=STATE / "maintctl.db"))
+    CONFIG.write_text(
+        CONFIG_TEXT.format(db=STATE / "maintctl.db", journal=STATE / "maintctl.journal")
+    )
     stop_previous()
 
     say(f"booting {len(GUESTS)} QEMU guests with the guest agent (TCG, ~10 s) ...")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from controller.engine import EngineContext
 from controller.hypervisor import HypervisorPool
 from controller.inventory import sync_config_hosts
 from controller.libvirt_host import LibvirtHost
-from controller.settings import Settings
+from controller.settings import DatabaseSettings, Settings
 from tests.testbed import BedGuest, TestBed
 
 PG_URL = os.environ.get(
@@ -118,7 +119,14 @@ class Harness:
         return self.ctx.session_factory
 
 
+def with_database(settings: Settings, url: str) -> Settings:
+    """The settings pointed at `url`, with an outbox journal of their own (never the cwd's)."""
+    journal = Path(tempfile.mkdtemp(prefix="maintctl-journal-")) / "maintctl.journal"
+    return settings.model_copy(update={"database": DatabaseSettings(url=url, journal_path=journal)})
+
+
 def make_harness(url: str, settings: Settings) -> Harness:
+    settings = with_database(settings, url)
     factory = migrated(url)
     with unit_of_work(factory) as s:
         sync_config_hosts(s, settings)

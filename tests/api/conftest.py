@@ -14,7 +14,7 @@ from controller.engine import EngineContext
 from controller.hypervisor import HypervisorPool
 from controller.libvirt_host import LibvirtHost
 from controller.tokens import Role, create_token
-from tests.conftest import TEST_URI, make_settings, start_test_domains
+from tests.conftest import TEST_URI, make_settings, start_test_domains, with_database
 
 
 @dataclass
@@ -54,7 +54,8 @@ def api(db_url, test_driver) -> Iterator[Api]:
         [{"name": "h1", "uri": TEST_URI, "sync_clock": False}],
         resume_reserve_seconds=1.0,
         kill_grace_seconds=0.2,
-    ).model_copy(update={"database": {"url": db_url}})
+    )
+    settings = with_database(settings, db_url)
     upgrade(db_url)
     ctx = EngineContext(
         settings=settings,

@@ -19,6 +19,7 @@ CONFIG = """
 bind = "127.0.0.1:{port}"
 [database]
 url = "{db_url}"
+journal_path = "{journal}"
 [maintenance]
 guardian = {guardian}
 reconcile_interval_seconds = 1.0
@@ -57,6 +58,7 @@ class Service:
             CONFIG.format(
                 port=self.port,
                 db_url=self.db_url,
+                journal=tmp / "maintctl.journal",
                 hosts=hosts,
                 guardian="true" if guardian else "false",
             )

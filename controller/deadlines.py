@@ -1,0 +1,80 @@
+"""Calls with a deadline: a call that does not return in time is abandoned, never waited out.
+
+A libvirt call can block for as long as the process behind it: a SIGSTOPped QEMU holds a resume
+forever, a hung libvirtd holds every call. Each call therefore runs on its own daemon thread and
+the caller waits at most its deadline; the thread is left to finish (or to die with the process).
+State changes of one guest are serialized: a new one waits (within its own deadline) for the one
+still in flight, so a late suspend can never land after a resume that was issued behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+from controller.errors import CallTimedOut
+
+T = TypeVar("T")
+
+
+def start_call(fn: Callable[[], T], name: str = "call") -> Future[T]:
+    """Run fn on a new daemon thread; the future holds its result or exception."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever waits; nothing escapes the thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def call_with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
+    """fn's result, or CallTimedOut after timeout seconds (fn keeps running on its thread)."""
+    future = start_call(fn, name=what[:40])
+    try:
+        return future.result(timeout=timeout)
+    except FutureTimeout:
+        raise CallTimedOut(f"{what}: no answer within {timeout:g} s") from None
+
+
+class SerialCalls:
+    """At most one call in flight per key; later calls wait for it within their own deadline."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[Hashable, Future[object]] = {}
+        self._lock = threading.Lock()
+
+    def in_flight(self, key: Hashable) -> bool:
+        with self._lock:
+            future = self._inflight.get(key)
+        return future is not None and not future.done()
+
+    def call(self, key: Hashable, fn: Callable[[], T], timeout: float, what: str) -> T:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                previous = self._inflight.get(key)
+                if previous is None or previous.done():
+                    future: Future[T] = start_call(fn, name=what[:40])
+                    self._inflight[key] = future  # type: ignore[assignment]
+                    break
+            left = deadline - time.monotonic()
+            try:
+                previous.exception(timeout=max(0.0, left))  # its outcome is not ours to report
+            except FutureTimeout:
+                raise CallTimedOut(
+                    f"{what}: an earlier call on this guest is still in flight after {timeout:g} s"
+                ) from None
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise CallTimedOut(f"{what}: no answer within {timeout:g} s") from None

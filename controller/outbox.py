@@ -1,0 +1,330 @@
+"""The outbox: what the engine records while guests are paused, written in order, come what may.
+
+Between the first pause and the last resume the engine must never wait on the database. It hands
+each record to the outbox as a batch of operations that commit together; one writer thread
+applies the batches in the order they came. When the database does not answer (PostgreSQL
+stopped, SQLite on a full disk), the batches wait in memory and are appended to a small local
+journal file, fsynced, so that a restart loses none of them; they are written as soon as the
+database answers again, before anything newer. A journaled batch is marked applied (table
+journal_batches) in its own transaction, so a replay after a crash never writes it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Union
+
+from sqlalchemy import ColumnElement, CursorResult, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from controller.db import is_database_outage, unit_of_work
+from controller.events import record_event
+from controller.lifecycle import finish
+from controller.models import JobGuest, JournalBatch, PauseIntent
+from controller.states import JobState
+
+log = logging.getLogger(__name__)
+RETRY_SECONDS = 1.0
+
+
+# --- operations: plain data, so that they can be journaled -------------------------------------
+
+
+@dataclass(frozen=True)
+class AddEvent:
+    kind: str
+    message: str
+    at: datetime
+    job_id: int | None = None
+    host: str | None = None
+    guest: str | None = None
+    actor: str = "controller"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateGuest:
+    """Set columns of one guest's outcome row, creating the row if the job has none yet."""
+
+    job_id: int
+    host: str
+    guest: str
+    guest_uuid: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResolveIntent:
+    """Resolve an open pause intent. If none is open, the rest of the batch is skipped: someone
+    else (another reconciler, the engine) resolved it first and recorded what happened."""
+
+    job_id: int
+    guest_uuid: str
+    resolution: str
+    at: datetime
+    intent_id: int | None = None
+
+
+@dataclass(frozen=True)
+class FinishJob:
+    job_id: int
+    state: str
+    at: datetime
+    reason: str | None = None
+    detail: str | None = None
+    actor: str = "controller"
+
+
+Op = Union[AddEvent, UpdateGuest, ResolveIntent, FinishJob]  # noqa: UP007 (used at run time)
+_OPS: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (AddEvent, UpdateGuest, ResolveIntent, FinishJob)
+}
+
+
+def _apply_op(s: Session, op: Op) -> bool:
+    """Apply one operation in the caller's transaction; False stops the rest of its batch."""
+    if isinstance(op, AddEvent):
+        record_event(
+            s,
+            op.kind,
+            op.message,
+            job_id=op.job_id,
+            host=op.host,
+            guest=op.guest,
+            actor=op.actor,
+            at=op.at,
+            **op.details,
+        )
+    elif isinstance(op, UpdateGuest):
+        row = s.scalars(
+            select(JobGuest).where(
+                JobGuest.job_id == op.job_id,
+                JobGuest.host == op.host,
+                JobGuest.guest_uuid == op.guest_uuid,
+            )
+        ).one_or_none()
+        if row is None:
+            row = JobGuest(job_id=op.job_id, host=op.host, guest=op.guest, guest_uuid=op.guest_uuid)
+            s.add(row)
+        for column, value in op.values.items():
+            setattr(row, column, value)
+    elif isinstance(op, ResolveIntent):
+        where: list[ColumnElement[bool]] = [PauseIntent.resolved_at.is_(None)]
+        if op.intent_id is not None:
+            where.append(PauseIntent.id == op.intent_id)
+        else:
+            where += [PauseIntent.job_id == op.job_id, PauseIntent.guest_uuid == op.guest_uuid]
+        claimed: CursorResult[Any] = s.execute(  # type: ignore[assignment]
+            update(PauseIntent).where(*where).values(resolved_at=op.at, resolution=op.resolution)
+        )
+        return claimed.rowcount >= 1
+    else:
+        finish(
+            s,
+            op.job_id,
+            JobState(op.state),
+            reason=op.reason,
+            detail=op.detail,
+            actor=op.actor,
+            at=op.at,
+        )
+    return True
+
+
+# --- journal encoding -------------------------------------------------------------------------
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"$dt": value.isoformat()}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"$dt"}:
+            return datetime.fromisoformat(value["$dt"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+@dataclass(eq=False)
+class Batch:
+    ops: tuple[Op, ...]
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    journaled: bool = False
+    applied: threading.Event = field(default_factory=threading.Event)
+
+    def to_line(self) -> str:
+        ops = [{"op": type(op).__name__, **_encode(asdict(op))} for op in self.ops]
+        return json.dumps({"id": self.id, "ops": ops}, separators=(",", ":"))
+
+    @classmethod
+    def from_line(cls, line: str) -> Batch:
+        data = json.loads(line)
+        ops = tuple(_OPS[o.pop("op")](**_decode(o)) for o in data["ops"])
+        return cls(ops, id=data["id"], journaled=True)
+
+
+# --- the outbox -------------------------------------------------------------------------------
+
+
+class Outbox:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        journal: Path | None = None,
+        *,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
+        self._factory = session_factory
+        self._journal = journal
+        self._retry = retry_seconds
+        self._queue: deque[Batch] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.last_error: str | None = None
+        self._journal_failed = False
+        self._load_journal()
+        self._writer = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._writer.start()
+
+    # --- callers ---------------------------------------------------------------------------
+
+    def submit(self, *ops: Op) -> Batch:
+        """Queue ops to commit together, after everything queued before; never blocks."""
+        batch = Batch(tuple(ops))
+        with self._cond:
+            self._queue.append(batch)
+            if self.last_error is not None:
+                self._journal_queued()  # the database is away: make it durable now
+            self._cond.notify_all()
+        return batch
+
+    def backlog(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
+
+    def close(self, timeout: float = 5.0) -> int:
+        """Write what can be written within timeout; journal the rest. Returns what is left."""
+        self.drain(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join(timeout=1.0)
+        with self._cond:
+            self._journal_queued()
+            return len(self._queue)
+
+    # --- the writer ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                batch = self._queue[0]
+            try:
+                self._apply(batch)
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    log.exception("outbox: dropping a batch the database refuses: %s", batch.ops)
+                else:
+                    self._note_outage(exc)
+                    with self._cond:
+                        if self._closed:
+                            return
+                        self._cond.wait(self._retry)
+                    continue
+            with self._cond:
+                self._queue.popleft()
+                batch.applied.set()
+                if not self._queue:
+                    if self.last_error is not None:
+                        log.warning("outbox: the database answers again; backlog written")
+                    self.last_error = None
+                    self._remove_journal()
+                self._cond.notify_all()
+
+    def _apply(self, batch: Batch) -> None:
+        with unit_of_work(self._factory) as s:
+            if batch.journaled:
+                if s.get(JournalBatch, batch.id) is not None:
+                    return  # written before a crash, journal not yet removed
+                s.add(JournalBatch(id=batch.id))
+            for op in batch.ops:
+                if not _apply_op(s, op):
+                    break
+
+    def _note_outage(self, exc: BaseException) -> None:
+        with self._cond:
+            first = self.last_error is None
+            self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            self._journal_queued()
+        if first:
+            log.warning("outbox: database unavailable, keeping records: %s", self.last_error)
+
+    # --- the journal (called with the condition held) --------------------------------------
+
+    def _journal_queued(self) -> None:
+        fresh = [b for b in self._queue if not b.journaled]
+        if not fresh or self._journal is None:
+            return
+        try:
+            with open(self._journal, "a", encoding="utf-8") as f:
+                for b in fresh:
+                    f.write(b.to_line() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if not self._journal_failed:
+                log.error("outbox: cannot write the journal %s: %s", self._journal, exc)
+            self._journal_failed = True
+            return  # kept in memory; written when the database answers
+        for b in fresh:
+            b.journaled = True
+
+    def _remove_journal(self) -> None:
+        if self._journal is not None and self._journal.exists():
+            try:
+                self._journal.unlink()
+            except OSError as exc:
+                log.error("outbox: cannot remove the journal %s: %s", self._journal, exc)
+
+    def _load_journal(self) -> None:
+        if self._journal is None or not self._journal.exists():
+            return
+        lines = self._journal.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                self._queue.append(Batch.from_line(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                # Only the last line can be torn by a crash mid-write; anything else is reported.
+                level = logging.WARNING if number == len(lines) else logging.ERROR
+                log.log(level, "outbox: skipping unreadable journal line %d: %s", number, exc)
+        if self._queue:
+            log.warning(
+                "outbox: %d batch(es) from the journal %s wait for the database",
+                len(self._queue),
+                self._journal,
+            )
