@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
+from api.limits import BodyLimit, InputScreen
 from api.routes import events, health, hosts, jobs, runbooks, tokens
 from controller.db import make_engine, make_session_factory, unit_of_work
 from controller.engine import EngineContext
@@ -20,8 +20,6 @@ from controller.inventory import sync_config_hosts
 from controller.scheduler import MaintenanceScheduler
 from controller.settings import Settings
 
-# Above the largest body the schemas allow, so the schema (422) decides, not the size.
-MAX_BODY_BYTES = 1024 * 1024
 ERROR_STATUSES = {
     "400": "Malformed request",
     "401": "Missing or invalid token",
@@ -32,44 +30,6 @@ ERROR_STATUSES = {
     "422": "Invalid request",
     "503": "A host or the database is unavailable",
 }
-
-
-class BodyLimit:
-    """Refuse request bodies over a fixed size, announced or streamed, with a 413 problem."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problems.problem(413, f"request bodies are limited to {self.limit} bytes")
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -86,8 +46,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for op in path_item.values():
             responses = op.setdefault("responses", {})
             public = op.get(ROLE_KEY) == PUBLIC
+            # What the route documents itself stays; FastAPI's generated 422 is not the route's.
+            own = set(responses) - {"422"}
             for status, text in ERROR_STATUSES.items():
                 if public and status != "503":
+                    continue
+                if status in own:
                     continue
                 responses[status] = {
                     "description": text,
@@ -151,6 +115,7 @@ def create_app(
     for module in (health, hosts, runbooks, jobs, events, tokens):
         app.include_router(module.router)
     _check_every_route_declares_a_role(app)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(InputScreen)
+    app.add_middleware(BodyLimit)  # added last, so it runs first: InputScreen reads its buffer
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -18,7 +18,7 @@ from controller.db import unit_of_work
 from controller.engine import EngineContext
 from controller.scheduler import MaintenanceScheduler
 from controller.settings import Settings
-from controller.tokens import Principal, Role, authenticate
+from controller.tokens import Principal, Role, authenticate, record_use
 
 ROLE_KEY = "x-required-role"
 PUBLIC = "none"
@@ -74,6 +74,7 @@ def authorize(
         principal = authenticate(s, credentials.credentials)
     if principal is None:
         raise HTTPException(401, "invalid or revoked token", headers=challenge)
+    record_use(session_factory=ctx.session_factory, principal=principal)
     if not principal.role.allows(Role(required)):
         raise HTTPException(403, f"role {principal.role.value} may not do this; needs {required}")
     request.state.principal = principal
@@ -84,7 +85,9 @@ def get_principal(request: Request) -> Principal:
     return principal
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit runs before the response is sent, so a failed commit answers
+# 503 instead of following a 2xx the client already has.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CtxDep = Annotated[EngineContext, Depends(get_ctx)]
 SchedulerDep = Annotated[MaintenanceScheduler, Depends(get_scheduler)]

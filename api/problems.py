@@ -10,10 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.db import is_database_outage
 from controller.errors import (
     Conflict,
+    DatabaseUnavailable,
     HostUnavailable,
     InvalidRequest,
     InvalidTransition,
@@ -24,6 +27,7 @@ from controller.errors import (
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://maintctl.dev/problems/"
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 class Problem(BaseModel):
@@ -57,6 +61,16 @@ def problem(
         status_code=status,
         media_type=MEDIA_TYPE,
         headers=headers,
+    )
+
+
+def database_unavailable(request: Request | None = None) -> JSONResponse:
+    return problem(
+        503,
+        "the database is not answering; retry later",
+        kind="database-unavailable",
+        request=request,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
     )
 
 
@@ -102,7 +116,22 @@ def install(app: FastAPI) -> None:
         log.error("unmapped domain error: %r", exc)
         return problem(500, str(exc), request=request)
 
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        log.warning("database unavailable on %s: %s", request.url.path, exc)
+        return database_unavailable(request)
+
+    # Dependencies (authorize, the session) raise here too: they run inside the same handlers.
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not is_database_outage(exc):
+            raise exc  # a bug, not an outage: the 500 handler logs it with its traceback
+        log.warning("database outage on %s: %s", request.url.path, str(exc).splitlines()[0])
+        return database_unavailable(request)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, SQLAlchemyError) and is_database_outage(exc):
+            return database_unavailable(request)  # raised outside the routes, e.g. a middleware
         log.exception("unhandled error on %s", request.url.path)
         return problem(500, "internal error; the server log has the details", request=request)

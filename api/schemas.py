@@ -73,6 +73,9 @@ class JobGuestPublic(_Out):
     sync_outcome: str | None
     skipped_reason: str | None
     flagged: str | None
+    status: str | None = Field(
+        description="skipped, not_paused, paused, resume_pending, resumed (the good end) or flagged"
+    )
 
 
 class JobPublic(_Out):
@@ -187,7 +190,30 @@ class TokenCreated(TokenPublic):
     token: str = Field(description="The secret, shown once; store it now.")
 
 
+class HealthCheck(BaseModel):
+    ok: bool
+    detail: str
+
+
+class DiskFreeCheck(HealthCheck):
+    path: str | None = None
+    free_bytes: int | None = None
+    min_free_bytes: int
+
+
+class LibvirtCheck(HealthCheck):
+    hosts: dict[str, str]
+
+
+class HealthChecks(BaseModel):
+    database_write: HealthCheck
+    disk_free: DiskFreeCheck
+    libvirt: LibvirtCheck
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
-    database: str
+    database: str = Field(description='"ok" or "error: <kind>"; checks.database_write has more.')
     hosts: dict[str, str]
+    checks: HealthChecks
+    outbox_backlog: int = Field(description="Record batches waiting for the database.")

@@ -92,6 +92,8 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Every second's housekeeping run is not news; its failures are logged by the scheduler.
+    logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
     if not no_migrate:
         upgrade(settings.database.url)
     uvicorn.run(

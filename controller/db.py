@@ -19,6 +19,11 @@ MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # A database that does not answer must fail fast: callers fall back to the outbox or answer 503.
 CONNECT_TIMEOUT_SECONDS = 3
+# SQLSTATE classes and codes meaning "away, out of resources or read-only", whatever DBAPI class
+# the driver raised them as: 08 connection, 53 insufficient resources, 57P0x shutdown or
+# starting, 58 system error, 25006 read-only transaction (a standby, or read-only by default).
+_OUTAGE_SQLSTATES = ("08", "53", "57P0", "58", "25006")
+_LOCK_WAIT_LIMITED = "maintctl_lock_wait_limited"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -30,12 +35,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _restore_busy_timeout(dbapi_connection: Any, record: Any) -> None:
+    """Undo limit_lock_wait() before the connection serves anyone else."""
+    if record.info.pop(_LOCK_WAIT_LIMITED, False) and dbapi_connection is not None:
+        dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "checkin", _restore_busy_timeout)
         return engine
     return create_engine(
         url,
@@ -57,7 +69,23 @@ def is_database_outage(exc: BaseException) -> bool:
         | sa_exc.TimeoutError,
     ):
         return True
-    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return exc.connection_invalidated or (
+        isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES)
+    )
+
+
+def limit_lock_wait(session: Session, *, milliseconds: int) -> None:
+    """Wait at most this long for locks in the session's transaction: for best-effort writes,
+    which must give up quickly rather than hold up the request they ride on."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(milliseconds)}")
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(milliseconds)}")
+        conn.info[_LOCK_WAIT_LIMITED] = True  # _restore_busy_timeout() resets it at checkin
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -309,6 +309,7 @@ class HostCycle:
         self.pause_ms: dict[str, float] = {}
         self._verify_lock = threading.Lock()
         self._heartbeat_failed = False
+        self.guardian: Guardian | None = None
 
     def _tx(self) -> Any:
         return unit_of_work(self.ctx.session_factory)
@@ -344,7 +345,7 @@ class HostCycle:
         if resolve_program(self.argv) is None:
             detail = f"runbook program {self.argv[0]!r} is not an executable file on this host"
             return HostResult("runbook_not_executable", detail)
-        guardian = self._start_guardian(plan.targets)
+        guardian = self.guardian = self._start_guardian(plan.targets)
         try:
             return self._maintain(hv, plan.targets, guardian)
         finally:
@@ -386,7 +387,9 @@ class HostCycle:
             self._record_intents(targets)
         if guardian is not None:
             guardian.watch([g.uuid for g in targets])
-            guardian.arm(time.time() + self.spec.budget)
+            # Half the reserve before the hard budget: a guardian that has to act (we are stuck)
+            # still has the time to reconnect and resume by the budget.
+            guardian.arm(time.time() + self.spec.budget - self.settings.resume_reserve_seconds / 2)
         first_pause = time.monotonic()
         budget_at = first_pause + self.spec.budget - self.settings.resume_reserve_seconds
         self.hard_at = first_pause + self.spec.budget
@@ -471,11 +474,18 @@ class HostCycle:
         resumed_at = self.wall.at(settled.mono)
         paused_at = self.paused_at.get(task.uuid)
         late = " (late: it was resume_pending)" if task.was_pending else ""
+        by_guardian = None
+        if settled.running and not settled.we_resumed and self.guardian is not None:
+            # Found running: if the guardian resumed it (we were stuck), its time is the real one.
+            by_guardian = self.guardian.resumed_at(task.uuid)
+            resumed_at = by_guardian or resumed_at
         if settled.kind is SettleKind.RUNNING:
             ms = None if paused_at is None else pause_ms(paused_at, resumed_at)
             if ms is not None:
                 self.pause_ms[task.uuid] = ms
             said = f"resumed after {ms} ms" if ms is not None else "running (pause unconfirmed)"
+            if by_guardian is not None:
+                said += " by the guardian"
             self.ctx.outbox.submit(
                 ResolveIntent(self.spec.id, task.uuid, "resumed", resumed_at),
                 self._guest_update(
@@ -487,6 +497,7 @@ class HostCycle:
                     task.name,
                     pause_ms=ms,
                     was_paused=settled.we_resumed,
+                    by_guardian=by_guardian is not None,
                     attempts=settled.attempts,
                     late=task.was_pending,
                 ),

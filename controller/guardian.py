@@ -10,6 +10,8 @@ is gone the guardian stays until every watched guest is settled.
 The guardian writes nothing to the database: the next reconciliation records what happened.
 
 Protocol, one line each on stdin: "watch <uuid>", "arm <epoch deadline>", "runbook <pgid>", "done".
+On stdout, after "ready": "resumed <uuid> <epoch>" for each guest the guardian itself resumed, so
+a controller that was only stuck (not dead) records the real resume time, not when it looked.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from typing import IO
 
 from controller.errors import HypervisorError
@@ -33,8 +36,16 @@ READY = "ready"
 START_TIMEOUT_SECONDS = 15.0
 
 
+_stdout_lock = threading.Lock()
+
+
 def _log(message: str) -> None:
     print(f"maintctl-guardian[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def _report(line: str) -> None:
+    with _stdout_lock, contextlib.suppress(OSError, ValueError):
+        print(line, flush=True)  # nobody may be listening any more: that is fine
 
 
 class Rescue:
@@ -75,6 +86,8 @@ class Rescue:
         settled = resume_until_settled(hv, uuid, stop=self.stop, on_failure=note)
         if settled is not None:
             _log(f"{uuid}: {settled.kind.value}: {settled.note}")
+            if settled.running and settled.we_resumed:
+                _report(f"resumed {uuid} {settled.wall.timestamp():.6f}")
 
     def wait(self) -> None:
         for thread in self._threads:
@@ -147,6 +160,22 @@ class Guardian:
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self._proc = proc
+        self._resumed: dict[str, datetime] = {}
+        self._reader = threading.Thread(target=self._read, name="guardian-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._proc.stdout:
+                verb, _, rest = line.strip().partition(" ")
+                uuid, _, epoch = rest.partition(" ")
+                if verb == "resumed":
+                    self._resumed[uuid] = datetime.fromtimestamp(float(epoch), UTC)
+
+    def resumed_at(self, uuid: str) -> datetime | None:
+        """When the guardian itself resumed this guest, if it did."""
+        return self._resumed.get(uuid)
 
     @classmethod
     def start(cls, uri: str, grace: float, *, call_timeout: float = 5.0) -> Guardian:
@@ -198,8 +227,7 @@ class Guardian:
             if self._proc.stdin is not None:
                 with contextlib.suppress(BrokenPipeError):
                     self._proc.stdin.close()
-            if self._proc.stdout is not None:
-                self._proc.stdout.close()
+            self._reader.join(timeout=1)  # ends at the guardian's EOF
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ def validate(session: Session, settings: Settings, req: JobRequest) -> tuple[lis
         budget=budget,
         budget_cap=m.pause_budget_cap_seconds,
     )
+    horizon = utcnow() + timedelta(days=m.schedule_horizon_days)
+    if req.not_before is not None and req.not_before > horizon:
+        raise InvalidRequest(
+            f"not_before is more than {m.schedule_horizon_days} days ahead, past the schedule "
+            "horizon (maintenance.schedule_horizon_days)"
+        )
     if req.not_after is not None:
         if req.not_after <= utcnow():
             raise InvalidRequest("not_after is already in the past")

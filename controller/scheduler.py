@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller import jobs as job_service
-from controller.db import unit_of_work
+from controller.db import is_database_outage, unit_of_work
 from controller.engine import EngineContext, run_job
 from controller.errors import Conflict
 from controller.events import record_event
@@ -50,6 +51,7 @@ class MaintenanceScheduler:
         self._lock = threading.Lock()
         self._busy_hosts: set[str] = set()
         self._waiting_noted: set[int] = set()
+        self._outage_noted: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -58,7 +60,7 @@ class MaintenanceScheduler:
         self._aps.start()
         m = self.ctx.settings.maintenance
         self._aps.add_job(
-            self.sweep, "interval", seconds=SWEEP_SECONDS, id="sweep", executor="housekeeping"
+            self._sweep, "interval", seconds=SWEEP_SECONDS, id="sweep", executor="housekeeping"
         )
         self._aps.add_job(
             self._reconcile,
@@ -85,10 +87,26 @@ class MaintenanceScheduler:
         self._aps.shutdown(wait=True)
 
     def _reconcile(self) -> None:
+        self._housekeeping("reconciliation", lambda: reconcile(ctx=self.ctx))
+
+    def _sweep(self) -> None:
+        self._housekeeping("the sweep", self.sweep)
+
+    def _housekeeping(self, what: str, work: Callable[[], object]) -> None:
+        """Run a periodic task; a database outage is one warning until it ends, not a traceback
+        a second. Guests never wait on this: resumes and their records do not go through here."""
         try:
-            reconcile(ctx=self.ctx)
-        except Exception:
-            log.exception("reconciliation failed; retrying at the next interval")
+            work()
+        except Exception as exc:
+            if not is_database_outage(exc):
+                log.exception("%s failed; retrying at the next interval", what)
+            elif what not in self._outage_noted:
+                self._outage_noted.add(what)
+                log.warning("%s waits for the database: %s", what, str(exc).splitlines()[0])
+            return
+        if what in self._outage_noted:
+            self._outage_noted.discard(what)
+            log.warning("%s runs again: the database answers", what)
 
     # --- timers ----------------------------------------------------------------------------
 
@@ -197,7 +215,7 @@ class MaintenanceScheduler:
         finally:
             with self._lock:
                 self._busy_hosts -= hosts
-            self.sweep()  # a waiting job may start now
+            self._sweep()  # a waiting job may start now
 
     # --- operator actions ------------------------------------------------------------------
 

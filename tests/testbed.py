@@ -90,15 +90,34 @@ class TestBed:
         self.uri = uri
         self.prefix = prefix
         self.log_dir = log_dir
-        self.conn = libvirt.open(uri)
+        self._conn = libvirt.open(uri)
         self.image: GuestImage = build()
         self.tsc_khz = host_tsc_khz()
 
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """The bed's connection, opened again if its daemon restarted (the fault tests do)."""
+        if not self._conn.isAlive():
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = libvirt.open(self.uri)
+        return self._conn
+
     def close(self) -> None:
-        self.conn.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
 
     def domain(self, name: str) -> libvirt.virDomain:
-        return self.conn.lookupByName(name)
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_SYSTEM_ERROR:
+                raise
+            # The daemon went away since the last call: the next conn is a new connection.
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = libvirt.open(self.uri)
+            return self._conn.lookupByName(name)
 
     def cleanup_stale(self) -> list[str]:
         removed = []

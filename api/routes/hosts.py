@@ -1,18 +1,27 @@
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from fastapi import APIRouter, Response
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import CtxDep, PrincipalDep, SessionDep, requires
 from api.schemas import GuestPublic, HostCreate, HostDetail, HostPublic
+from controller.db import limit_lock_wait, unit_of_work
+from controller.engine import EngineContext
 from controller.errors import Conflict, HypervisorError, NotFound
 from controller.events import record_event
+from controller.hypervisor import GuestInfo
 from controller.inventory import record_guest_states
 from controller.models import Host, Job
 from controller.states import ACTIVE, PENDING
 from controller.tokens import Role
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
+CACHE_LOCK_WAIT_MS = 250
 
 
 def _public(h: Host) -> HostPublic:
@@ -43,13 +52,23 @@ def get_host(name: str, session: SessionDep, ctx: CtxDep) -> HostDetail:
         guests = ctx.hypervisors.get(host.uri).list_guests()
     except HypervisorError as exc:
         return HostDetail(**base, reachable=False, error=str(exc), guests=[])
-    record_guest_states(session, host.name, guests)
+    _refresh_guest_cache(ctx, host.name, guests)
     return HostDetail(
         **base,
         reachable=True,
         error=None,
         guests=[GuestPublic.model_validate(g) for g in sorted(guests, key=lambda g: g.name)],
     )
+
+
+def _refresh_guest_cache(ctx: EngineContext, host: str, guests: Sequence[GuestInfo]) -> None:
+    """Best effort, in its own transaction: a read must not fail because the cache cannot be written."""
+    try:
+        with unit_of_work(ctx.session_factory) as s:
+            limit_lock_wait(s, milliseconds=CACHE_LOCK_WAIT_MS)
+            record_guest_states(s, host, guests)
+    except SQLAlchemyError as exc:
+        log.warning("host %s: guest cache not refreshed: %s", host, str(exc).splitlines()[0])
 
 
 @router.post("", response_model=HostPublic, status_code=201, **requires(Role.ADMIN))

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -28,15 +30,34 @@ from controller.tokens import Role
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 IN_FLIGHT_TTL = timedelta(seconds=60)
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
+# Printable ASCII, spaces only between other characters, at most 255 characters.
+IDEMPOTENCY_KEY = r"^[!-~](?:[ -~]{0,253}[!-~])?$"
+STORED_KEY_MAX = 128  # idempotency_keys.key; longer keys are stored by their digest
+
+
+def _printable_key(key: str | None) -> str | None:
+    if key is not None and not re.fullmatch(IDEMPOTENCY_KEY, key):
+        raise ValueError(
+            "must be 1 to 255 printable ASCII characters, with spaces only between others"
+        )
+    return key
+
+
 IdempotencyHeader = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        min_length=1,
-        max_length=128,
         description="Retry safely: the same key and body return the original job.",
+        json_schema_extra={"minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY},
     ),
+    AfterValidator(_printable_key),
 ]
+
+
+def _stored_key(key: str) -> str:
+    if len(key) <= STORED_KEY_MAX:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def job_public(job: Job) -> JobPublic:
@@ -111,28 +132,29 @@ def create_job(
 ) -> JobPublic | PlanPublic:
     """Submit a maintenance job, or with dry_run see its plan without creating anything."""
     req = _request(body)
+    key = None if idempotency_key is None else _stored_key(idempotency_key)
     if body.dry_run:
         response.status_code = 200
         plan = job_service.plan(session, settings, ctx.hypervisors, req)
         return PlanPublic.model_validate(plan)
-    if idempotency_key is not None:
+    if key is not None:
         body_hash = hashlib.sha256(
             json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
         ).hexdigest()
-        original = _claim_key(ctx, idempotency_key, body_hash)
+        original = _claim_key(ctx, key, body_hash)
         if original is not None:
             response.headers["Idempotent-Replayed"] = "true"
             return job_public(job_service.get_job(session, original))
     try:
         job = job_service.submit(session, settings, req, actor=who.name)
-        if idempotency_key is not None:
-            key_row = session.get_one(IdempotencyKey, idempotency_key)
+        if key is not None:
+            key_row = session.get_one(IdempotencyKey, key)
             key_row.job_id = job.id
         session.commit()
     except Exception:
         session.rollback()
-        if idempotency_key is not None:
-            _release_key(ctx, idempotency_key)
+        if key is not None:
+            _release_key(ctx, key)
         raise
     scheduler.arm(job.id, job.not_before)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"

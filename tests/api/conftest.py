@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -47,8 +48,9 @@ class Api:
             time.sleep(0.05)
 
 
-@pytest.fixture
-def api(db_url, test_driver) -> Iterator[Api]:
+@contextmanager
+def open_api(db_url: str, test_driver, **server) -> Iterator[Api]:
+    """The real app over db_url with one token per role; `server` overrides [server] settings."""
     start_test_domains(test_driver, ["td-a", "td-b"])
     settings = make_settings(
         [{"name": "h1", "uri": TEST_URI, "sync_clock": False}],
@@ -56,6 +58,8 @@ def api(db_url, test_driver) -> Iterator[Api]:
         kill_grace_seconds=0.2,
     )
     settings = with_database(settings, db_url)
+    if server:
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update=server)})
     upgrade(db_url)
     ctx = EngineContext(
         settings=settings,
@@ -70,3 +74,33 @@ def api(db_url, test_driver) -> Iterator[Api]:
             ]
     with TestClient(create_app(settings, ctx=ctx)) as client:
         yield Api(client, tokens, ctx)
+
+
+@pytest.fixture
+def api(db_url, test_driver) -> Iterator[Api]:
+    with open_api(db_url, test_driver) as opened:
+        yield opened
+
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(r, status: int, *fragments: str) -> dict:
+    """An RFC 9457 problem with this status whose detail holds every fragment."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == PROBLEM
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["type"]
+    for fragment in fragments:
+        assert fragment in body["detail"], body["detail"]
+    return body
+
+
+def assert_database_unavailable(r) -> None:
+    body = assert_problem(r, 503, "the database is not answering; retry later")
+    assert body["type"].endswith("/database-unavailable")
+    assert r.headers["retry-after"] == "5"
+
+
+def engine_of(api: Api):
+    return api.ctx.session_factory.kw["bind"]

@@ -18,7 +18,21 @@ def assert_problem(r, status, *fragments):
 def test_healthz_reports_database_and_hosts_without_auth(api):
     r = api.client.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "database": "ok", "hosts": {"h1": "ok"}}
+    body = r.json()
+    assert {k: body[k] for k in ("status", "database", "hosts")} == {
+        "status": "ok",
+        "database": "ok",
+        "hosts": {"h1": "ok"},
+    }
+    checks = body["checks"]
+    assert checks["database_write"]["ok"] is True
+    assert checks["disk_free"]["ok"] is True
+    assert checks["libvirt"] == {
+        "ok": True,
+        "detail": "1 of 1 host(s) answer",
+        "hosts": {"h1": "ok"},
+    }
+    assert body["outbox_backlog"] == 0
 
 
 def test_healthz_names_an_unreachable_host(api):

@@ -35,6 +35,7 @@ def test_submit_run_and_read_per_guest_results(api):
         assert TS.match(g["paused_at"]) and TS.match(g["resumed_at"])
         assert (g["sync_method"], g["sync_outcome"]) == ("none", "disabled")
         assert g["skipped_reason"] is None and g["clock_skew_ms"] is None
+        assert g["status"] == "resumed"
     for key in ("created_at", "started_at", "finished_at"):
         assert TS.match(done[key]), done[key]
     assert ("operator-bot", job["id"]) in actor_events(api, "job_created")
@@ -122,12 +123,9 @@ def test_dry_run_plans_without_creating(api):
 
 def test_idempotency_key(api):
     key = {"Idempotency-Key": "ci-run-42"}
-    first = api.post(
-        "/api/v1/jobs", json={**JOB, "not_before": "2099-01-01T00:00:00Z"}, headers=key
-    )
-    again = api.post(
-        "/api/v1/jobs", json={**JOB, "not_before": "2099-01-01T00:00:00Z"}, headers=key
-    )
+    later = future(3600)
+    first = api.post("/api/v1/jobs", json={**JOB, "not_before": later}, headers=key)
+    again = api.post("/api/v1/jobs", json={**JOB, "not_before": later}, headers=key)
     assert first.status_code == again.status_code == 201
     assert first.json()["id"] == again.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
@@ -229,3 +227,17 @@ def test_missed_start_after_downtime_runs_late_with_an_event(api):
     ]
     assert len(late) == 1 and late[0]["details"]["late_seconds"] >= 30
     assert done["started_at"] > done["not_before"]
+
+
+def test_finished_job_shows_each_guest_status(api):
+    job = api.post("/api/v1/jobs", json={**JOB, "exclude_guests": ["td-b"]}).json()
+    done = api.wait_state(job["id"], {"succeeded"})
+    assert {g["guest"]: g["status"] for g in done["guests"]} == {
+        "td-a": "resumed",
+        "td-b": "skipped",
+    }
+    listed = api.get("/api/v1/jobs").json()
+    assert {g["guest"]: g["status"] for g in listed[0]["guests"]} == {
+        "td-a": "resumed",
+        "td-b": "skipped",
+    }

@@ -49,7 +49,15 @@ def host_block(name: str, uri: str, sync_clock: bool = True, update_domain: int 
 
 
 class Service:
-    def __init__(self, tmp: Path, *, hosts: str, db_url: str | None = None, guardian: bool = True):
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        hosts: str,
+        db_url: str | None = None,
+        guardian: bool = True,
+        extra: str = "",
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db_url = db_url or f"sqlite:///{tmp / 'maintctl.db'}"
@@ -62,6 +70,7 @@ class Service:
                 hosts=hosts,
                 guardian="true" if guardian else "false",
             )
+            + extra
         )
         self.log = tmp / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None

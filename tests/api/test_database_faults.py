@@ -1,0 +1,288 @@
+"""Database faults over HTTP: an outage answers 503 with Retry-After, never 500; a database that
+takes no writes still serves reads; /healthz proves that the database takes a write."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import APIRouter
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from api.app import create_app
+from api.deps import requires
+from api.routes.health import MIN_FREE_BYTES
+from controller.db import make_engine, make_session_factory, unit_of_work
+from controller.engine import EngineContext
+from controller.errors import DatabaseUnavailable
+from controller.hypervisor import HypervisorPool
+from controller.libvirt_host import LibvirtHost
+from controller.models import ApiToken, HealthProbe
+from controller.tokens import Role
+from tests.api.conftest import (
+    PROBLEM,
+    assert_database_unavailable,
+    engine_of,
+    open_api,
+)
+from tests.conftest import TEST_URI, _pg_admin, make_settings, with_database
+
+JOB = {"hosts": ["h1"], "runbook": "noop"}
+H2 = {"name": "h2", "uri": TEST_URI, "sync_clock": False}
+
+
+def last_used(api, name: str):
+    with unit_of_work(api.ctx.session_factory) as s:
+        return s.scalars(select(ApiToken.last_used_at).where(ApiToken.name == name)).one()
+
+
+def failed_health(client: TestClient) -> dict:
+    r = client.get("/healthz")
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"] == "application/json"  # the per-check body, not a problem
+    body = r.json()
+    assert body["status"] == "degraded" and body["database"].startswith("error: ")
+    assert body["checks"]["database_write"]["ok"] is False
+    return body
+
+
+# --- outages: 503, Retry-After, problem+json ---------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["in-authorize", "in-the-route"])
+def test_sqlite_database_gone_is_503_with_retry_after(tmp_path, test_driver, auth):
+    directory = tmp_path / "db"
+    directory.mkdir()
+    with open_api(f"sqlite:///{directory / 'maintctl.db'}", test_driver, auth=auth) as api:
+        assert api.get("/api/v1/jobs").status_code == 200
+        shutil.rmtree(directory)
+        engine_of(api).dispose()  # pooled connections would go on reading the unlinked file
+        assert_database_unavailable(api.get("/api/v1/jobs"))
+        assert_database_unavailable(api.get("/api/v1/jobs/1"))
+        assert_database_unavailable(api.post("/api/v1/jobs", json=JOB))
+        assert_database_unavailable(api.post("/api/v1/hosts", role="admin", json=H2))
+        body = failed_health(api.client)
+        assert body["checks"]["disk_free"]["ok"] is False  # its directory is gone too
+
+
+def test_postgresql_refusing_connections_is_503():
+    url = "postgresql+psycopg://maintctl:maintctl@127.0.0.1:1/maintctl"  # nothing listens there
+    settings = with_database(make_settings([]), url)
+    ctx = EngineContext(
+        settings=settings,
+        session_factory=make_session_factory(make_engine(url)),
+        hypervisors=HypervisorPool(LibvirtHost),
+    )
+    try:
+        # No lifespan: start-up itself needs the database; requests must still be answered.
+        client = TestClient(create_app(settings, ctx=ctx, run_scheduler=False))
+        bearer = {"Authorization": "Bearer mct_anything"}
+        assert_database_unavailable(client.get("/api/v1/jobs", headers=bearer))
+        assert_database_unavailable(client.post("/api/v1/jobs", json=JOB, headers=bearer))
+        body = failed_health(client)
+        assert "unavailable" in body["checks"]["database_write"]["detail"]
+        assert body["checks"]["disk_free"]["detail"].startswith("not applicable")
+    finally:
+        ctx.close()
+
+
+def test_database_unavailable_from_the_domain_is_503(api):
+    rogue = APIRouter()
+
+    @rogue.get("/api/v1/outage", **requires(Role.VIEWER))
+    def _outage() -> dict:
+        raise DatabaseUnavailable("the outbox is full")
+
+    api.client.app.include_router(rogue)
+    assert_database_unavailable(api.get("/api/v1/outage"))
+
+
+def _set_read_only(url: str, on: bool) -> None:
+    name = make_url(url).database
+    with _pg_admin() as admin:
+        admin.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
+        )
+
+
+@pytest.mark.postgres
+def test_read_only_postgresql_serves_reads_and_answers_writes_503(pg_url, test_driver):
+    with open_api(pg_url, test_driver) as api:
+        assert api.post("/api/v1/hosts", role="admin", json=H2).status_code == 201
+        _set_read_only(pg_url, True)
+        engine_of(api).dispose()  # new connections take the new default
+        try:
+            hosts = api.get("/api/v1/hosts")  # the viewer's first use: its stamp cannot be written
+            assert hosts.status_code == 200 and [h["name"] for h in hosts.json()] == ["h1", "h2"]
+            assert last_used(api, "viewer-bot") is None
+            assert_database_unavailable(api.post("/api/v1/jobs", json=JOB))
+            # The delete fails at commit: a 503, not a 204 for a delete that never happened.
+            assert_database_unavailable(api.delete("/api/v1/hosts/h2"))
+            failed_health(api.client)
+        finally:
+            _set_read_only(pg_url, False)
+            engine_of(api).dispose()
+        assert [h["name"] for h in api.get("/api/v1/hosts").json()] == ["h1", "h2"]
+        assert api.client.get("/healthz").status_code == 200
+
+
+# --- a full disk (a real 4 MiB tmpfs) ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    with open(directory / "filler", "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1 << 9, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def test_full_disk_serves_reads_and_answers_writes_503(small_disk, test_driver):
+    db = small_disk / "maintctl.db"
+    with open_api(f"sqlite:///{db}", test_driver) as api:
+        raw = sqlite3.connect(db)
+        try:  # empty the WAL, so that the next write needs new disk space
+            assert raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        finally:
+            raw.close()
+        _fill(small_disk)
+        r = api.get("/api/v1/jobs")
+        assert r.status_code == 200 and r.json() == []
+        assert last_used(api, "viewer-bot") is None
+        assert_database_unavailable(api.post("/api/v1/jobs", json=JOB))
+        body = failed_health(api.client)
+        disk = body["checks"]["disk_free"]
+        assert disk["ok"] is False and disk["free_bytes"] < MIN_FREE_BYTES
+        assert disk["min_free_bytes"] == MIN_FREE_BYTES
+    engine_of(api).dispose()
+
+
+# --- reads never write -------------------------------------------------------------------------
+
+
+def test_last_used_at_is_stamped_at_most_once_a_minute(api):
+    from datetime import timedelta
+
+    from sqlalchemy import event, update
+
+    statements: list[str] = []
+
+    def note(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    event.listen(engine_of(api), "before_cursor_execute", note)
+    try:
+        assert last_used(api, "viewer-bot") is None
+        assert api.get("/api/v1/jobs").status_code == 200
+        first = last_used(api, "viewer-bot")
+        assert first is not None
+        assert api.get("/api/v1/jobs").status_code == 200
+        assert api.get("/api/v1/hosts").status_code == 200
+        assert last_used(api, "viewer-bot") == first
+    finally:
+        event.remove(engine_of(api), "before_cursor_execute", note)
+    token_writes = [s for s in statements if s.lstrip().upper().startswith("UPDATE API_TOKENS")]
+    assert len(token_writes) == 1, token_writes
+    # A minute on, the next request stamps it again.
+    with unit_of_work(api.ctx.session_factory) as s:
+        s.execute(
+            update(ApiToken)
+            .where(ApiToken.name == "viewer-bot")
+            .values(last_used_at=first - timedelta(minutes=2))
+        )
+    assert api.get("/api/v1/jobs").status_code == 200
+    assert last_used(api, "viewer-bot") > first
+
+
+class _WriteLock:
+    """Another client holding the write lock (SQLite) or the token rows (PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+
+    def __enter__(self) -> None:
+        if self.url.get_backend_name() == "sqlite":
+            self.conn = sqlite3.connect(self.url.database, isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(
+                host=self.url.host,
+                port=self.url.port or 5432,
+                user=self.url.username,
+                password=self.url.password,
+                dbname=self.url.database,
+            )
+            self.conn.execute("SELECT id FROM api_tokens FOR UPDATE")
+
+    def __exit__(self, *_exc) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
+def test_a_locked_database_costs_the_stamp_not_the_request(api, caplog):
+    import time
+
+    with _WriteLock(api.ctx.settings.database.url):
+        started = time.monotonic()
+        r = api.get("/api/v1/jobs")
+        elapsed = time.monotonic() - started
+    assert r.status_code == 200 and r.json() == []
+    assert elapsed < 3, elapsed  # the stamp gives up long before the 10 s busy timeout
+    assert last_used(api, "viewer-bot") is None
+    assert "last_used_at not recorded" in caplog.text
+
+
+# --- /healthz writes ---------------------------------------------------------------------------
+
+
+def test_healthz_commits_its_probe_row_each_time(api):
+    def probe():
+        r = api.client.get("/healthz")
+        assert r.status_code == 200 and r.json()["checks"]["database_write"]["ok"] is True
+        with unit_of_work(api.ctx.session_factory) as s:
+            rows = s.scalars(select(HealthProbe)).all()
+        assert [p.id for p in rows] == [1]
+        return rows[0].checked_at, r.json()
+
+    first, body = probe()
+    second, _ = probe()
+    assert second > first
+    disk = body["checks"]["disk_free"]
+    if api.ctx.settings.database.url.startswith("sqlite"):
+        assert disk["ok"] is True and disk["free_bytes"] >= MIN_FREE_BYTES
+    else:
+        assert disk["ok"] is True and disk["detail"].startswith("not applicable")
+
+
+def test_healthz_documents_its_503_body(api):
+    spec = api.client.get("/openapi.json").json()
+    failed = spec["paths"]["/healthz"]["get"]["responses"]["503"]
+    assert failed["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Health"
+    }
+    assert PROBLEM not in failed["content"]
