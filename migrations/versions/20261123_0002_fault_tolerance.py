@@ -31,6 +31,14 @@ def upgrade() -> None:
         sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_health_probe")),
     )
+    # Before this revision an intent was resolved "flagged" after three failed resume attempts,
+    # a refused connection included, and its guest could stay paused for good. Such an intent is
+    # still ours: reopen it, and reconciliation settles it from libvirt's real state (resumed if
+    # still paused by us, recorded if running, left alone if paused for another reason).
+    op.execute(
+        "UPDATE pause_intents SET resolved_at = NULL, resolution = NULL "
+        "WHERE resolution = 'flagged'"
+    )
 
 
 def downgrade() -> None:

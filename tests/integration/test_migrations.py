@@ -60,3 +60,38 @@ def test_postgres_is_real(pg_url):
     with engine.connect() as conn:
         assert "PostgreSQL" in conn.execute(text("select version()")).scalar()
     engine.dispose()
+
+
+def test_0002_reopens_intents_the_old_engine_gave_up_on(db_url):
+    """Before 0002 a refused connection could resolve an intent "flagged": it is ours again."""
+    upgrade(db_url, "0001")
+    engine = make_engine(db_url)
+    now = "2026-11-22 10:00:00+00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, state, runbook, params, host_names, exclude_guests, "
+                "busy_guests, pause_budget_seconds, notice_seconds, created_by, created_at, "
+                "abort_requested) VALUES (1, 'failed', 'noop', '{}', '[\"h\"]', '[]', 'skip', "
+                f"30, 0, 'test', '{now}', false)"
+            )
+        )
+        for n, resolution in enumerate(["flagged", "resumed", "recovered"], 1):
+            conn.execute(
+                text(
+                    "INSERT INTO pause_intents (id, job_id, host, host_uri, guest, guest_uuid, "
+                    f"created_at, resolved_at, resolution) VALUES ({n}, 1, 'h', 'test:///default', "
+                    f"'g{n}', 'u{n}', '{now}', '{now}', '{resolution}')"
+                )
+            )
+    upgrade(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT guest, resolution, resolved_at FROM pause_intents ORDER BY id")
+        ).all()
+    engine.dispose()
+    assert [(g, r, at is None) for g, r, at in rows] == [
+        ("g1", None, True),
+        ("g2", "resumed", False),
+        ("g3", "recovered", False),
+    ]
