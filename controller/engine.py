@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller import runners
@@ -37,9 +37,18 @@ from controller.guest_ops import (
 )
 from controller.hypervisor import GuestInfo, Hypervisor, HypervisorPool
 from controller.inventory import record_guest_states
-from controller.lifecycle import transition
+from controller.lease import LeaseKeeper
+from controller.lifecycle import ItemState, Lease, claim_item, transition
 from controller.models import Host, Job, JobGuest, PauseIntent, utcnow
-from controller.outbox import AddEvent, FinishJob, Op, Outbox, ResolveIntent, UpdateGuest
+from controller.outbox import (
+    AddEvent,
+    FinishItem,
+    FinishJob,
+    Op,
+    Outbox,
+    ResolveIntent,
+    UpdateGuest,
+)
 from controller.preflight import BusyGuestPolicy, admit, classify_guests
 from controller.resumption import Resumer, ResumeTask, SettleKind, wait_all
 from controller.rollout import host_order
@@ -58,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # Before a host's preflight writes, earlier records must be in the database (event order).
 DRAIN_BEFORE_HOST_SECONDS = 10.0
+# How often a job whose next host is busy with another job tries to claim it again.
+HOST_WAIT_POLL_SECONDS = 0.5
 # A settled guest's follow-up (record, clock sync) is bounded by the agent and call timeouts.
 FOLLOW_UP_WAIT_SECONDS = 60.0
 
@@ -192,16 +203,31 @@ class JobFailed(MaintctlError):
 # --- the job -------------------------------------------------------------------------------------
 
 
-def run_job(*, job_id: int, ctx: EngineContext) -> JobState:
+def run_job(*, job_id: int, ctx: EngineContext, lease: Lease | None = None) -> JobState:
     """Run a job that the scheduler has claimed (state notifying or running) to its end.
 
-    The job stays active in this process until its last record is in the database, so that
-    reconciliation never mistakes a job waiting out a database outage for a dead one.
+    `lease` is the job's first host item, claimed with the job. A lease keeper renews it (and
+    the job's heartbeat) every second for the job's whole life and turns an abort asked on any
+    replica into this job's abort signal. The job stays active in this process until its last
+    record is in the database, so that reconciliation never mistakes a job waiting out a
+    database outage for a dead one.
     """
     abort = ctx.active.add(job_id)
+    m = ctx.settings.maintenance
+    keeper = LeaseKeeper(
+        ctx.session_factory,
+        job_id,
+        ctx.runner_id,
+        abort=abort,
+        lease_seconds=m.lease_seconds,
+        interval=m.lease_renew_seconds,
+    )
+    if lease is not None:
+        keeper.hold(lease)
+    keeper.start()
     try:
         try:
-            verdict = _run(job_id, ctx, abort)
+            verdict = _run(job_id, ctx, abort, keeper)
         except JobFailed as exc:
             verdict = Verdict(JobState.FAILED, exc.reason, exc.detail)
         except Exception as exc:
@@ -219,6 +245,7 @@ def run_job(*, job_id: int, ctx: EngineContext) -> JobState:
                 return verdict.state  # in the journal; written at the next start
         return _final_state(ctx, job_id, verdict.state)
     finally:
+        keeper.stop()
         ctx.active.remove(job_id)
 
 
@@ -230,7 +257,7 @@ def _final_state(ctx: EngineContext, job_id: int, asked: JobState) -> JobState:
         return asked
 
 
-def _run(job_id: int, ctx: EngineContext, abort: threading.Event) -> Verdict:
+def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseKeeper) -> Verdict:
     with unit_of_work(ctx.session_factory) as s:
         spec = JobSpec.of(s.get_one(Job, job_id))
     if spec.state is JobState.NOTIFYING:
@@ -262,7 +289,20 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event) -> Verdict:
     for host in host_order(hosts):
         if abort.is_set():
             return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
-        result = HostCycle(ctx, spec, host, runbook, argv, abort).run()
+        lease = keeper.lease
+        if lease is None or lease.host != host.name:
+            lease = _claim_host(ctx, spec, host, keeper, abort)
+            if lease is None:
+                return Verdict(JobState.ABORTED, "aborted", f"aborted waiting for {host.name}")
+        result = HostCycle(ctx, spec, host, runbook, argv, abort, keeper).run()
+        keeper.release()
+        if keeper.lost.is_set():
+            detail = (
+                f"the lease on {host.name} was taken over by reconciliation (this controller "
+                "could not renew it in time); the guests of that host are no longer this job's"
+            )
+            return Verdict(JobState.FAILED, "lease_lost", detail)
+        ctx.outbox.submit(_finish_item(lease, result))
         warnings += result.warnings
         if result.failure == "aborted":
             return Verdict(JobState.ABORTED, "aborted", result.detail)
@@ -271,6 +311,51 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event) -> Verdict:
     if warnings:
         return Verdict(JobState.SUCCEEDED_WITH_WARNINGS, "clock_sync", "; ".join(warnings))
     return Verdict(JobState.SUCCEEDED)
+
+
+def _claim_host(
+    ctx: EngineContext, spec: JobSpec, host: HostRef, keeper: LeaseKeeper, abort: threading.Event
+) -> Lease | None:
+    """Claim the job's item of this host, waiting while another job holds the host."""
+    m = ctx.settings.maintenance
+    noted = False
+    while not abort.is_set():
+        with unit_of_work(ctx.session_factory) as s:
+            lease = claim_item(s, spec.id, host.name, ctx.runner_id, m.lease_seconds, utcnow())
+            if lease is None and not noted:
+                record_event(
+                    s,
+                    "host_waiting",
+                    f"job {spec.id} waits for host {host.name}, busy with another job",
+                    job_id=spec.id,
+                    host=host.name,
+                )
+                noted = True
+        if lease is not None:
+            keeper.hold(lease)
+            return lease
+        abort.wait(HOST_WAIT_POLL_SECONDS)
+    return None
+
+
+def _finish_item(lease: Lease, result: HostResult) -> FinishItem:
+    if result.failure is None:
+        state = ItemState.DONE
+    elif result.failure == "aborted":
+        state = ItemState.ABORTED
+    else:
+        state = ItemState.FAILED
+    return FinishItem(
+        lease.item_id,
+        lease.job_id,
+        lease.host,
+        lease.owner,
+        lease.epoch,
+        state.value,
+        utcnow(),
+        result.failure,
+        result.detail or None,
+    )
 
 
 def _load_hosts(ctx: EngineContext, names: list[str]) -> list[HostRef]:
@@ -296,9 +381,11 @@ class HostCycle:
         runbook: RunbookConfig,
         argv: list[str],
         abort: threading.Event,
+        keeper: LeaseKeeper,
     ) -> None:
         self.ctx, self.spec, self.host = ctx, spec, host
         self.runbook, self.argv, self.abort = runbook, argv, abort
+        self.keeper = keeper
         self.settings = ctx.settings.maintenance
         self.wall = WallClock()
         self.hv: Hypervisor | None = None
@@ -308,7 +395,6 @@ class HostCycle:
         self.tasks: dict[str, ResumeTask] = {}
         self.pause_ms: dict[str, float] = {}
         self._verify_lock = threading.Lock()
-        self._heartbeat_failed = False
         self.guardian: Guardian | None = None
 
     def _tx(self) -> Any:
@@ -345,6 +431,10 @@ class HostCycle:
         if resolve_program(self.argv) is None:
             detail = f"runbook program {self.argv[0]!r} is not an executable file on this host"
             return HostResult("runbook_not_executable", detail)
+        if plan.targets and not self.keeper.fresh():
+            return HostResult(
+                "lease_lost", f"nothing paused: the lease on {self.host.name} is stale"
+            )
         guardian = self.guardian = self._start_guardian(plan.targets)
         try:
             return self._maintain(hv, plan.targets, guardian)
@@ -396,7 +486,7 @@ class HostCycle:
         pauses: list[PauseResult] = []
         rb: RunbookResult | None = None
         try:
-            pauses = fan_out(self.ctx.pool, lambda g: pause_one(hv, g), targets)
+            pauses = fan_out(self.ctx.pool, lambda g: self._pause(hv, g), targets)
             rb = self._patch(budget_at, guardian, pauses)
         finally:
             # Guests first: whatever happened above, every guest we may have paused is resumed.
@@ -410,11 +500,18 @@ class HostCycle:
                 self._resume_all(hv, maybe_paused)
         return self._verdict(rb, self._await_resumes())
 
+    def _pause(self, hv: Hypervisor, guest: GuestInfo) -> PauseResult:
+        """Pause one guest, but never on a lease that may have expired (fencing)."""
+        if not self.keeper.fresh():
+            now = time.monotonic()
+            return PauseResult(guest, False, now, now, "not paused: this job's lease is not fresh")
+        return pause_one(hv, guest)
+
     def _resume_all(self, hv: Hypervisor, guests: list[GuestInfo]) -> None:
         self.resume_started = time.monotonic()
         for guest in guests:
             self.tasks[guest.uuid] = self.ctx.resumer.resume(
-                hv, guest.uuid, guest.name, then=self._after_resume
+                hv, guest.uuid, guest.name, then=self._after_resume, fence=self.keeper.lost.is_set
             )
 
     def _patch(
@@ -453,18 +550,7 @@ class HostCycle:
             budget_at=budget_at,
             abort=self.abort,
             grace=self.settings.kill_grace_seconds,
-            tick=self._heartbeat,
         )
-
-    def _heartbeat(self) -> None:
-        try:
-            with self._tx() as s:
-                s.execute(update(Job).where(Job.id == self.spec.id).values(heartbeat_at=utcnow()))
-            self._heartbeat_failed = False
-        except Exception as exc:  # a heartbeat must never disturb the pause window
-            if not self._heartbeat_failed:
-                log.warning("heartbeat for job %s failed: %s", self.spec.id, exc)
-            self._heartbeat_failed = True
 
     # --- after the resume: each guest's follow-up runs on its own resume thread -------------
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.events import record_event
 from controller.hypervisor import HypervisorPool
-from controller.models import Host, Job, JobGuest, utcnow
+from controller.lifecycle import create_items
+from controller.models import Host, Job, JobGuest, JobHost, utcnow
 from controller.preflight import BusyGuestPolicy, admit, classify_guests
 from controller.rollout import host_order
 from controller.runbooks import build_argv
@@ -74,7 +75,7 @@ def validate(session: Session, settings: Settings, req: JobRequest) -> tuple[lis
 
 
 def submit(session: Session, settings: Settings, req: JobRequest, *, actor: str) -> Job:
-    _hosts, budget = validate(session, settings, req)
+    hosts, budget = validate(session, settings, req)
     job = Job(
         state=JobState.SCHEDULED.value,
         runbook=req.runbook,
@@ -90,6 +91,7 @@ def submit(session: Session, settings: Settings, req: JobRequest, *, actor: str)
     )
     session.add(job)
     session.flush()
+    create_items(session, job, hosts)
     record_event(
         session,
         "job_created",
@@ -151,8 +153,33 @@ def plan(
     return Plan([h.name for h in ordered], guests, budget, predicted, len(history))
 
 
-def get_job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
+def list_jobs(
+    session: Session,
+    *,
+    state: JobState | None,
+    host: str | None,
+    limit: int,
+    cursor: int | None,
+) -> tuple[list[Job], int | None]:
+    """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
+    query = select(Job).order_by(Job.id.desc())
+    if state is not None:
+        query = query.where(Job.state == state.value)
+    if host is not None:
+        query = query.where(
+            select(JobHost.id).where(JobHost.job_id == Job.id, JobHost.host == host).exists()
+        )
+    if cursor is not None:
+        query = query.where(Job.id < cursor)
+    page = list(session.scalars(query.limit(limit + 1)))
+    if len(page) > limit:
+        return page[:limit], page[limit - 1].id
+    return page, None
+
+
+def get_job(session: Session, job_id: int, *, lock: bool = False) -> Job:
+    """The job; with lock=True its row is locked for the transaction (as the claim locks it)."""
+    job = session.get(Job, job_id, with_for_update=lock)
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     return job

@@ -149,6 +149,37 @@ class JobGuest(Base):
     job: Mapped[Job] = relationship(back_populates="guests")
 
 
+class JobHost(Base):
+    """One host of one job: the durable work item, claimed by one owner under a lease.
+
+    The owner renews lease_expires_at for as long as it holds the item; epoch grows at every
+    claim and takeover, so a stale owner's conditional updates (owner and epoch) match nothing.
+    """
+
+    __tablename__ = "job_hosts"
+    __table_args__ = (
+        UniqueConstraint("job_id", "host", name="uq_job_hosts_job_id_host"),
+        Index("ix_job_hosts_host_state", "host", "state"),
+        Index("ix_job_hosts_state_lease", "state", "lease_expires_at"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(63))
+    wave: Mapped[int] = mapped_column(Integer, default=0)  # the host's update domain
+    position: Mapped[int] = mapped_column(Integer, default=0)  # order within the job
+    # pending | notifying | running | done | failed | skipped | aborted | interrupted
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    notice_until: Mapped[datetime | None] = mapped_column(default=None)
+    abort_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    outcome: Mapped[str | None] = mapped_column(String(64), default=None)
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+
 class PauseIntent(Base):
     """Write-ahead record of a guest we are about to pause; resolved once it runs again."""
 

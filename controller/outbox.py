@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db import is_database_outage, unit_of_work
 from controller.events import record_event
-from controller.lifecycle import finish
+from controller.lifecycle import ItemState, Lease, finish, finish_item
 from controller.models import JobGuest, JournalBatch, PauseIntent
 from controller.states import JobState
 
@@ -83,9 +83,24 @@ class FinishJob:
     actor: str = "controller"
 
 
-Op = Union[AddEvent, UpdateGuest, ResolveIntent, FinishJob]  # noqa: UP007 (used at run time)
+@dataclass(frozen=True)
+class FinishItem:
+    """End a held work item, if the lease (owner and epoch) still holds."""
+
+    item_id: int
+    job_id: int
+    host: str
+    owner: str
+    epoch: int
+    state: str
+    at: datetime
+    outcome: str | None = None
+    detail: str | None = None
+
+
+Op = Union[AddEvent, UpdateGuest, ResolveIntent, FinishJob, FinishItem]  # noqa: UP007
 _OPS: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (AddEvent, UpdateGuest, ResolveIntent, FinishJob)
+    cls.__name__: cls for cls in (AddEvent, UpdateGuest, ResolveIntent, FinishJob, FinishItem)
 }
 
 
@@ -126,6 +141,9 @@ def _apply_op(s: Session, op: Op) -> bool:
             update(PauseIntent).where(*where).values(resolved_at=op.at, resolution=op.resolution)
         )
         return claimed.rowcount >= 1
+    elif isinstance(op, FinishItem):
+        lease = Lease(op.item_id, op.job_id, op.host, op.owner, op.epoch, op.at)
+        finish_item(s, lease, ItemState(op.state), outcome=op.outcome, detail=op.detail, at=op.at)
     else:
         finish(
             s,

@@ -21,12 +21,13 @@ from sqlalchemy import select
 from controller.clock import ClockSync
 from controller.db import unit_of_work
 from controller.engine import EngineContext
+from controller.events import record_event
 from controller.guest_ops import pause_ms, sync_one
-from controller.lifecycle import transition
-from controller.models import Host, Job, JobGuest, PauseIntent, utcnow
+from controller.lifecycle import HELD, take_over, transition
+from controller.models import Host, Job, JobGuest, JobHost, PauseIntent, utcnow
 from controller.outbox import AddEvent, ResolveIntent, UpdateGuest
 from controller.resumption import ResumeTask, SettleKind
-from controller.runners import runner_alive
+from controller.runners import runner_alive, runner_dead_here
 from controller.states import ACTIVE, JobState, is_terminal
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,64 @@ def _job_is_alive(ctx: EngineContext, job: Job, now: datetime) -> bool:
     return job.runner_id != ctx.runner_id and runner_alive(job.runner_id, job.heartbeat_at, now)
 
 
-def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
-    """Open intents of jobs nobody runs, and active-state jobs nobody runs."""
+def _take_over_expired(ctx: EngineContext) -> None:
+    """End held items whose owner stopped renewing its lease, or died on this machine.
+
+    Each is ended `interrupted` by a conditional UPDATE on the epoch it was seen with, so of
+    several reconcilers (replicas) exactly one takes each item over; its intents then become
+    orphans and are resumed below. Items of jobs running in this process are never taken: a
+    renewal that failed here (database away) is not a dead owner.
+    """
     now = utcnow()
+    with unit_of_work(ctx.session_factory) as s:
+        held = s.execute(
+            select(
+                JobHost.id,
+                JobHost.job_id,
+                JobHost.host,
+                JobHost.owner,
+                JobHost.epoch,
+                JobHost.lease_expires_at,
+            ).where(JobHost.state.in_(HELD))
+        ).all()
+    for item in held:
+        if item.job_id in ctx.active:
+            continue
+        if runner_dead_here(item.owner):
+            why = f"its owner {item.owner} is gone"
+        elif item.lease_expires_at is None or item.lease_expires_at <= now:
+            why = (
+                f"its owner {item.owner} did not renew the lease (expired {item.lease_expires_at})"
+            )
+        else:
+            continue
+        with unit_of_work(ctx.session_factory) as s:
+            if take_over(s, item.id, item.epoch, now, why):
+                record_event(
+                    s,
+                    "item_taken_over",
+                    f"host {item.host} of job {item.job_id} taken over: {why}",
+                    job_id=item.job_id,
+                    host=item.host,
+                    actor="reconciler",
+                    owner=item.owner,
+                    epoch=item.epoch,
+                    taken_by=ctx.runner_id,
+                )
+
+
+def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
+    """Open intents that no live owner holds, and active-state jobs nobody runs."""
+    now = utcnow()
+    held_item = (
+        select(JobHost.id)
+        .where(
+            JobHost.job_id == PauseIntent.job_id,
+            JobHost.host == PauseIntent.host,
+            JobHost.state.in_(HELD),
+        )
+        .exists()
+    )
     with unit_of_work(ctx.session_factory) as s:
         rows = s.execute(
             select(PauseIntent, Job, JobGuest.paused_at, Host.sync_clock)
@@ -65,7 +121,7 @@ def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
                 & (JobGuest.guest_uuid == PauseIntent.guest_uuid),
             )
             .outerjoin(Host, Host.name == PauseIntent.host)
-            .where(PauseIntent.resolved_at.is_(None))
+            .where(PauseIntent.resolved_at.is_(None), ~held_item)
             .order_by(PauseIntent.id)
         ).all()
         intents = [
@@ -80,12 +136,13 @@ def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
                 True if sync_clock is None else sync_clock,
             )
             for i, job, paused_at, sync_clock in rows
-            if not _job_is_alive(ctx, job, now)
+            if job.id not in ctx.active
         ]
+        holding = set(s.scalars(select(JobHost.job_id).where(JobHost.state.in_(HELD))))
         stale_jobs = [
             job.id
             for job in s.scalars(select(Job).where(Job.state.in_([st.value for st in ACTIVE])))
-            if not _job_is_alive(ctx, job, now)
+            if job.id not in holding and not _job_is_alive(ctx, job, now)
         ]
     return intents, stale_jobs
 
@@ -171,6 +228,7 @@ def reconcile(*, ctx: EngineContext) -> list[ResumeTask]:
     Returns the resume tasks it started; each records its guest once it is settled.
     """
     with _reconcile_lock:
+        _take_over_expired(ctx)
         intents, stale_jobs = _orphans(ctx)
         if ctx.outbox.backlog():
             return []  # records still on their way would change the picture: next pass
@@ -182,5 +240,5 @@ def reconcile(*, ctx: EngineContext) -> list[ResumeTask]:
             tasks.append(
                 ctx.resumer.resume(hv, intent.uuid, intent.guest, then=_Recovery(ctx, intent))
             )
-        _interrupt(ctx, set(stale_jobs) | {i.job_id for i in intents})
+        _interrupt(ctx, set(stale_jobs))
         return tasks

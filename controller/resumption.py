@@ -79,10 +79,15 @@ def resume_until_settled(
     on_failure: Callable[[str], None] | None = None,
     first_delay: float = RETRY_FIRST_SECONDS,
     max_delay: float = RETRY_CAP_SECONDS,
+    fence: Callable[[], bool] | None = None,
 ) -> Settled | None:
-    """Resume until settled, retrying with backoff for as long as it takes; None once stop is set."""
+    """Resume until settled, retrying with backoff for as long as it takes; None once stop is set.
+
+    `fence()` true means the guest is no longer ours to touch (another replica took the work
+    over): the loop ends at once without another call, returning None.
+    """
     delay, attempts = first_delay, 0
-    while not stop.is_set():
+    while not stop.is_set() and not (fence is not None and fence()):
         attempts += 1
         try:
             if hv.resume(uuid):
@@ -174,6 +179,7 @@ class Resumer:
         name: str,
         *,
         then: Callable[[ResumeTask], Any] | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> ResumeTask:
         key = (hv.uri, uuid)
         with self._lock:
@@ -182,20 +188,29 @@ class Resumer:
             task = ResumeTask(hv.uri, uuid, name)
             self._tasks[key] = task
         thread = threading.Thread(
-            target=self._run, args=(hv, task, then), name=f"resume-{name}"[:40], daemon=True
+            target=self._run,
+            args=(hv, task, then, fence),
+            name=f"resume-{name}"[:40],
+            daemon=True,
         )
         thread.start()
         return task
 
     def _run(
-        self, hv: Hypervisor, task: ResumeTask, then: Callable[[ResumeTask], Any] | None
+        self,
+        hv: Hypervisor,
+        task: ResumeTask,
+        then: Callable[[ResumeTask], Any] | None,
+        fence: Callable[[], bool] | None,
     ) -> None:
         try:
             settled = resume_until_settled(
-                hv, task.uuid, stop=self._stop, on_failure=task._note_failure
+                hv, task.uuid, stop=self._stop, on_failure=task._note_failure, fence=fence
             )
             if settled is None:
-                return  # shutting down: the intent stays open for the guardian or the next start
+                # Shutting down, or fenced off: the intent stays open for whoever owns it now
+                # (the guardian, the next start, the replica that took the work over).
+                return
             task._settle(settled)
             if then is not None:
                 try:

@@ -35,3 +35,14 @@ def runner_alive(runner_id: str | None, heartbeat_at: datetime | None, now: date
     if hostname == socket.gethostname() and pid_text.isdigit():
         return _start_time(int(pid_text)) == started
     return heartbeat_at is not None and now - heartbeat_at < HEARTBEAT_LEASE
+
+
+def runner_dead_here(runner_id: str | None) -> bool:
+    """True only if the runner is a process of this machine that no longer exists."""
+    if not runner_id:
+        return False
+    hostname, _, rest = runner_id.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if hostname != socket.gethostname() or not pid_text.isdigit():
+        return False
+    return _start_time(int(pid_text)) != started

@@ -21,17 +21,17 @@ from sqlalchemy.orm import Session
 from controller import jobs as job_service
 from controller.db import is_database_outage, unit_of_work
 from controller.engine import EngineContext, run_job
-from controller.errors import Conflict
 from controller.events import record_event
-from controller.lifecycle import transition
-from controller.models import Job, utcnow
+from controller.lifecycle import ItemState, Lease, claim_item, request_abort, transition
+from controller.models import Job, JobHost, utcnow
 from controller.recovery import reconcile
-from controller.runners import runner_alive
-from controller.states import ACTIVE, JobState
+from controller.states import JobState
 
 log = logging.getLogger(__name__)
 
 LATE_AFTER_SECONDS = 1.0
+# A claimed job without hosts (its host list was emptied): it runs to its verdict at once.
+_NO_HOSTS = Lease(0, 0, "", "", 0, datetime.min.replace(tzinfo=UTC))
 SWEEP_SECONDS = 1.0
 
 
@@ -49,7 +49,6 @@ class MaintenanceScheduler:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._lock = threading.Lock()
-        self._busy_hosts: set[str] = set()
         self._waiting_noted: set[int] = set()
         self._outage_noted: set[str] = set()
 
@@ -154,20 +153,14 @@ class MaintenanceScheduler:
 
     # --- starting a job --------------------------------------------------------------------
 
-    def _hosts_busy_elsewhere(self, s: Session, hosts: set[str], job_id: int) -> bool:
-        now = utcnow()
-        active = s.scalars(
-            select(Job).where(Job.state.in_([st.value for st in ACTIVE]), Job.id != job_id)
-        )
-        return any(
-            hosts & set(j.host_names)
-            and (j.id in self.ctx.active or runner_alive(j.runner_id, j.heartbeat_at, now))
-            for j in active
-        )
+    def _claim(self, job_id: int) -> Lease | None:
+        """Move a due job from scheduled to notifying/running, claiming its first host's item.
 
-    def _claim(self, job_id: int) -> set[str] | None:
-        """Move a due job from scheduled to notifying/running if its hosts are free."""
+        The job starts only if its first host is free; the claim of that item and the job's
+        transition commit together, so two replicas can never both start it.
+        """
         now = utcnow()
+        m = self.ctx.settings.maintenance
         with self._lock, unit_of_work(self.ctx.session_factory) as s:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.SCHEDULED.value:
@@ -175,19 +168,26 @@ class MaintenanceScheduler:
             if job_service.expiry_due(job, now):
                 self._expire(s, job)
                 return None
-            hosts = set(job.host_names)
-            if hosts & self._busy_hosts or self._hosts_busy_elsewhere(s, hosts, job_id):
-                if job_id not in self._waiting_noted:
-                    self._waiting_noted.add(job_id)
-                    record_event(
-                        s,
-                        "job_waiting",
-                        f"job {job_id} waits for a busy host",
-                        job_id=job_id,
-                        actor="scheduler",
-                        hosts=sorted(hosts),
-                    )
-                return None
+            first = s.scalars(
+                select(JobHost.host)
+                .where(JobHost.job_id == job_id, JobHost.state == ItemState.PENDING.value)
+                .order_by(JobHost.wave, JobHost.position)
+            ).first()
+            lease = None
+            if first is not None:
+                lease = claim_item(s, job_id, first, self.ctx.runner_id, m.lease_seconds, now)
+                if lease is None:
+                    if job_id not in self._waiting_noted:
+                        self._waiting_noted.add(job_id)
+                        record_event(
+                            s,
+                            "job_waiting",
+                            f"job {job_id} waits for host {first}, busy with another job",
+                            job_id=job_id,
+                            actor="scheduler",
+                            hosts=[first],
+                        )
+                    return None
             late = job_service.lateness(job, now).total_seconds()
             if job.not_before is not None and late > LATE_AFTER_SECONDS:
                 record_event(
@@ -201,27 +201,24 @@ class MaintenanceScheduler:
             target = JobState.NOTIFYING if job.notice_seconds > 0 else JobState.RUNNING
             transition(s, job, target, actor="scheduler")
             job.started_at, job.runner_id, job.heartbeat_at = now, self.ctx.runner_id, now
-            self._busy_hosts |= hosts
             self._waiting_noted.discard(job_id)
-            return hosts
+            return lease or _NO_HOSTS
 
     def start_now(self, job_id: int) -> None:
         """Start a due job in the calling thread and run it to its end (no-op if not startable)."""
-        hosts = self._claim(job_id)
-        if hosts is None:
+        lease = self._claim(job_id)
+        if lease is None:
             return
         try:
-            run_job(job_id=job_id, ctx=self.ctx)
+            run_job(job_id=job_id, ctx=self.ctx, lease=None if lease is _NO_HOSTS else lease)
         finally:
-            with self._lock:
-                self._busy_hosts -= hosts
             self._sweep()  # a waiting job may start now
 
     # --- operator actions ------------------------------------------------------------------
 
     def cancel(self, job_id: int, *, actor: str) -> None:
         with unit_of_work(self.ctx.session_factory) as s:
-            job = job_service.get_job(s, job_id)
+            job = job_service.get_job(s, job_id, lock=True)  # the lock the claim takes
             job_service.ensure_cancellable(job)
             transition(s, job, JobState.CANCELLED, reason="cancelled", actor=actor)
         self.ctx.active.abort(job_id)  # wakes a job waiting out its notice
@@ -229,13 +226,19 @@ class MaintenanceScheduler:
             self._aps.remove_job(_timer_id(job_id))
 
     def abort(self, job_id: int, *, actor: str) -> None:
+        """Flag the job for abort in the database: its owner, on any replica, sees it at its next
+        lease renewal (every lease_renew_seconds) and resumes its guests."""
         with unit_of_work(self.ctx.session_factory) as s:
-            job = job_service.get_job(s, job_id)
+            job = job_service.get_job(s, job_id, lock=True)
             job_service.ensure_abortable(job)
-            if job_id not in self.ctx.active:
-                raise Conflict(f"job {job_id} is not running in this controller")
-            job.abort_requested = True
+            items = request_abort(s, job)
             record_event(
-                s, "abort_requested", f"abort of job {job_id} requested", job_id=job_id, actor=actor
+                s,
+                "abort_requested",
+                f"abort of job {job_id} requested",
+                job_id=job_id,
+                actor=actor,
+                items=items,
+                runner=job.runner_id,
             )
-        self.ctx.active.abort(job_id)
+        self.ctx.active.abort(job_id)  # at once if it runs here

@@ -147,9 +147,18 @@ class MaintenanceSettings(_Strict):
     libvirt_call_timeout_seconds: float = Field(default=5.0, ge=0.5, le=120)
     # How far ahead not_before may be.
     schedule_horizon_days: int = Field(default=366, ge=1, le=3660)
+    # A running job renews its host's work item every lease_renew_seconds; an item not renewed
+    # for lease_seconds is taken over by reconciliation (its guests resumed) on any replica.
+    lease_seconds: float = Field(default=10.0, ge=2, le=600)
+    lease_renew_seconds: float = Field(default=1.0, ge=0.1, le=60)
 
     @model_validator(mode="after")
     def _consistent(self) -> MaintenanceSettings:
+        if self.lease_renew_seconds * 4 > self.lease_seconds:
+            raise ValueError(
+                f"lease_renew_seconds ({self.lease_renew_seconds}) must be at most a quarter of "
+                f"lease_seconds ({self.lease_seconds})"
+            )
         if self.pause_budget_seconds > self.pause_budget_cap_seconds:
             raise ValueError(
                 f"pause_budget_seconds ({self.pause_budget_seconds}) exceeds "

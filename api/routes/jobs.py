@@ -174,23 +174,11 @@ def list_jobs(
     ] = None,
 ) -> list[JobPublic]:
     """Jobs, newest first; the next page is in the Link header (rel="next")."""
-    query = select(Job).order_by(Job.id.desc())
-    if state is not None:
-        query = query.where(Job.state == state.value)
-    # Host membership lives in a JSON list: filter in Python, fetching in bounded batches.
-    page: list[Job] = []
-    batch_cursor = cursor
-    while len(page) < limit + 1:
-        q = query if batch_cursor is None else query.where(Job.id < batch_cursor)
-        batch = list(session.scalars(q.limit(500)))
-        if not batch:
-            break
-        page += [j for j in batch if host is None or host in j.host_names]
-        batch_cursor = batch[-1].id
-    more = len(page) > limit
-    page = page[:limit]
-    if more:
-        params = dict(request.query_params) | {"cursor": str(page[-1].id)}
+    page, next_cursor = job_service.list_jobs(
+        session, state=state, host=host, limit=limit, cursor=cursor
+    )
+    if next_cursor is not None:
+        params = dict(request.query_params) | {"cursor": str(next_cursor)}
         url = request.url.replace_query_params(**params)
         response.headers["Link"] = f'<{url}>; rel="next"'
     return [job_public(j) for j in page]

@@ -56,9 +56,15 @@ def start_libvirtd(timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+# Like a package manager unpacking before it restarts the daemon; also lets the test's witness
+# (50 ms polling) see every guest paused before libvirtd goes away.
+UNPACK_SECONDS = 0.5
+
+
 def main() -> int:
     delay = float(sys.argv[1])
     detach = "--detach" in sys.argv[2:]
+    time.sleep(UNPACK_SECONDS)
     kill_libvirtd()
     if detach:
         restarter = subprocess.Popen(

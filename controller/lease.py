@@ -1,0 +1,138 @@
+"""The running side of ownership: one thread per running job renews what the job holds.
+
+Every second, for the job's whole life (notice, pause, runbook, resume, clock sync alike), the
+keeper stamps the job's heartbeat and renews the lease of the work item the job holds, and reads
+back whether an abort was asked (from any replica). A renewal that matches no row means the
+lease was taken over: the keeper sets `lost` and aborts the job, and the engine refuses every
+guest call from then on. A renewal that fails because the database does not answer is not a
+loss: nobody else can take the item over without the database either, and the guests come first.
+
+`fresh()` is the stricter test the engine asks before each pause: the lease was renewed recently
+enough that it cannot have expired in the database, measured on the monotonic clock, so a
+process that was frozen (SIGSTOP, a long GC, a VM pause) never pauses a guest on a stale lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from controller.db import unit_of_work
+from controller.lifecycle import Lease, renew
+from controller.models import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        job_id: int,
+        runner_id: str,
+        *,
+        abort: threading.Event,
+        lease_seconds: float,
+        interval: float,
+        on_lost: Callable[[Lease], None] | None = None,
+    ) -> None:
+        self._factory, self.job_id, self.runner_id = session_factory, job_id, runner_id
+        self.abort, self.lease_seconds, self.interval = abort, lease_seconds, interval
+        self._on_lost = on_lost
+        self.lost = threading.Event()
+        self._lease: Lease | None = None
+        self._renewed_mono = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    # --- the engine's side -----------------------------------------------------------------
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def hold(self, lease: Lease) -> None:
+        """The job now holds this item (just claimed, so just renewed)."""
+        with self._lock:
+            self._lease, self._renewed_mono = lease, time.monotonic()
+            self.lost.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._lease = None
+
+    @property
+    def lease(self) -> Lease | None:
+        with self._lock:
+            return self._lease
+
+    def fresh(self) -> bool:
+        """Held, not lost, and renewed recently enough that it cannot have expired anywhere."""
+        with self._lock:
+            if self._lease is None or self.lost.is_set():
+                return False
+            margin = self.interval * 2
+            return time.monotonic() < self._renewed_mono + self.lease_seconds - margin
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval * 5)
+
+    # --- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.renew_once()
+
+    def renew_once(self) -> None:
+        lease = self.lease
+        started = time.monotonic()
+        try:
+            with unit_of_work(self._factory) as s:
+                now = utcnow()
+                abort = s.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.runner_id == self.runner_id)
+                    .values(heartbeat_at=now)
+                    .returning(Job.abort_requested)
+                ).scalar_one_or_none()
+                renewed, item_abort = (None, False)
+                if lease is not None:
+                    renewed, item_abort = renew(s, lease, self.lease_seconds, now)
+        except Exception as exc:
+            if not self._failing:
+                log.warning("job %s: lease renewal failed (kept trying): %s", self.job_id, exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("job %s: lease renewal works again", self.job_id)
+        self._failing = False
+        if abort or item_abort:
+            self.abort.set()
+        if lease is None:
+            return
+        with self._lock:
+            if self._lease is not lease:
+                return  # released or replaced meanwhile
+            if renewed is None:
+                self.lost.set()
+            else:
+                self._lease, self._renewed_mono = renewed, started
+        if renewed is None:
+            log.error(
+                "job %s: the lease on host %s was taken over (epoch %d): stopping at once",
+                self.job_id,
+                lease.host,
+                lease.epoch,
+            )
+            self.abort.set()
+            if self._on_lost is not None:
+                self._on_lost(lease)
