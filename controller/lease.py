@@ -81,6 +81,18 @@ class LeaseKeeper:
             margin = self.interval * 2
             return time.monotonic() < self._renewed_mono + self.lease_seconds - margin
 
+    def taken_over(self) -> bool:
+        """The fence before each guest call after the pause: True only if the item is known to
+        be someone else's now. A lease that is not fresh (this process was frozen, or the
+        database is away) is checked with one synchronous renewal first, unless the database
+        is already known to be away: a database that does not answer is not a takeover (nobody
+        can take over without it), so the guests are resumed without waiting for it."""
+        if self.lost.is_set():
+            return True
+        if not self.fresh() and self.lease is not None and not self._failing:
+            self.renew_once()
+        return self.lost.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():

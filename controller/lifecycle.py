@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CursorResult, exists, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import CursorResult, exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from controller.events import record_event
 from controller.models import Host, Job, JobHost, utcnow
@@ -73,35 +73,76 @@ def host_busy(session: Session, host: str, *, except_job: int | None = None) -> 
     return session.execute(select(exists(query))).scalar_one()
 
 
+def _lock_free_host(session: Session, host: str, job_id: int) -> bool:
+    """Lock the host's row and say whether no other job holds it.
+
+    The row lock serializes claims of one host across replicas on PostgreSQL. SQLite has no row
+    locks and runs this read outside any write transaction, so the claim's UPDATE repeats the
+    test itself (`_host_free`): one statement, atomic under SQLite's write lock.
+    """
+    session.execute(select(Host.id).where(Host.name == host).with_for_update())
+    return not host_busy(session, host, except_job=job_id)
+
+
+def _host_free(host: str, job_id: int) -> Any:
+    other = aliased(JobHost)
+    return ~exists(
+        select(other.id).where(other.host == host, other.state.in_(HELD), other.job_id != job_id)
+    )
+
+
 def claim_item(
     session: Session, job_id: int, host: str, owner: str, lease_seconds: float, now: datetime
 ) -> Lease | None:
-    """Claim the job's pending item of `host` if the host is free; None if not (yet)."""
-    # The host row's lock serializes claims of one host across replicas (PostgreSQL); SQLite
-    # serializes writers anyway.
-    session.execute(select(Host.id).where(Host.name == host).with_for_update())
-    if host_busy(session, host, except_job=job_id):
+    """Claim the job's item of `host` under a lease if the host is free; None if not (yet).
+
+    The item is pending, or notifying with its notice over (nobody owns an item during its
+    notice: it is data, read by whichever replica's timer or poll comes first).
+    """
+    if not _lock_free_host(session, host, job_id):
         return None
     expires = now + timedelta(seconds=lease_seconds)
+    claimable = (JobHost.state == ItemState.PENDING.value) | (
+        (JobHost.state == ItemState.NOTIFYING.value)
+        & JobHost.owner.is_(None)
+        & (JobHost.notice_until <= now)
+    )
     row = session.execute(
         update(JobHost)
-        .where(
-            JobHost.job_id == job_id,
-            JobHost.host == host,
-            JobHost.state == ItemState.PENDING.value,
-        )
+        .where(JobHost.job_id == job_id, JobHost.host == host, claimable, _host_free(host, job_id))
         .values(
             state=ItemState.RUNNING.value,
             owner=owner,
             epoch=JobHost.epoch + 1,
             lease_expires_at=expires,
-            started_at=now,
+            started_at=func.coalesce(JobHost.started_at, now),
         )
         .returning(JobHost.id, JobHost.epoch)
     ).one_or_none()
     if row is None:
         return None
     return Lease(row.id, job_id, host, owner, row.epoch, expires)
+
+
+def start_notice(session: Session, job_id: int, host: str, until: datetime, now: datetime) -> bool:
+    """Put the job's pending item of `host` in its notice until `until`, if the host is free.
+
+    A notifying item holds its host (no other job starts there meanwhile) but has no owner and
+    no lease: no thread waits out the notice, and cancel or abort end it from any replica.
+    """
+    if not _lock_free_host(session, host, job_id):
+        return False
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(JobHost)
+        .where(
+            JobHost.job_id == job_id,
+            JobHost.host == host,
+            JobHost.state == ItemState.PENDING.value,
+            _host_free(host, job_id),
+        )
+        .values(state=ItemState.NOTIFYING.value, notice_until=until, started_at=now)
+    )
+    return result.rowcount == 1
 
 
 def _held_by(lease: Lease) -> list[Any]:
@@ -187,16 +228,41 @@ def request_abort(session: Session, job: Job) -> int:
     return result.rowcount
 
 
-def _skip_pending(session: Session, job: Job, at: datetime) -> None:
+def _end_unowned(session: Session, job: Job, at: datetime) -> None:
+    """A job that ends skips its pending items and ends the notice of its notifying ones."""
+    outcome = f"job {job.state}" + (f" ({job.reason})" if job.reason else "")
     session.execute(
         update(JobHost)
         .where(JobHost.job_id == job.id, JobHost.state == ItemState.PENDING.value)
-        .values(
-            state=ItemState.SKIPPED.value,
-            finished_at=at,
-            outcome=f"job {job.state}" + (f" ({job.reason})" if job.reason else ""),
-        )
+        .values(state=ItemState.SKIPPED.value, finished_at=at, outcome=outcome)
     )
+    noticed = ItemState.ABORTED if job.state == JobState.ABORTED.value else ItemState.SKIPPED
+    session.execute(
+        update(JobHost)
+        .where(
+            JobHost.job_id == job.id,
+            JobHost.state == ItemState.NOTIFYING.value,
+            JobHost.owner.is_(None),
+        )
+        .values(state=noticed.value, finished_at=at, outcome=outcome)
+    )
+
+
+def in_notice(session: Session, job_id: int) -> bool:
+    """The job's only open work is a notice (nobody owns anything of it yet)."""
+    owned = select(JobHost.id).where(
+        JobHost.job_id == job_id, JobHost.state.in_(HELD), JobHost.owner.is_not(None)
+    )
+    return not session.execute(select(exists(owned))).scalar_one()
+
+
+def notice_ends(session: Session, job_id: int) -> datetime | None:
+    """When the job's notice ends (its notifying items' latest notice_until), if it has one."""
+    return session.execute(
+        select(func.max(JobHost.notice_until)).where(
+            JobHost.job_id == job_id, JobHost.state == ItemState.NOTIFYING.value
+        )
+    ).scalar_one_or_none()
 
 
 def transition(
@@ -219,7 +285,7 @@ def transition(
         job.detail = detail
     if is_terminal(target):
         job.finished_at = at or utcnow()
-        _skip_pending(session, job, job.finished_at)
+        _end_unowned(session, job, job.finished_at)
     message = f"job {job.id}: {previous} -> {target.value}" + (f" ({reason})" if reason else "")
     record_event(
         session,
@@ -251,3 +317,148 @@ def finish(
         return JobState(job.state)
     transition(session, job, state, reason=reason, detail=detail, actor=actor, at=at)
     return state
+
+
+# --- starting, cancelling and aborting a job -------------------------------------------------------
+
+
+class StartKind(StrEnum):
+    NOT_STARTABLE = "not_startable"  # ended, running, or gone
+    NOT_YET = "not_yet"  # before its not_before or the end of its notice
+    EXPIRED = "expired"  # its not_after passed before it could start
+    WAITING = "waiting"  # its next host is held by another job
+    NOTICE = "notice"  # its first host's notice started
+    CLAIMED = "claimed"  # running: the first host's item is claimed under a lease
+
+
+@dataclass(frozen=True)
+class Start:
+    kind: StartKind
+    lease: Lease | None = None  # CLAIMED: the claimed item (None: a job without hosts)
+    host: str | None = None  # WAITING: the busy host
+    at: datetime | None = None  # NOTICE and NOT_YET: when to try again
+
+
+def start_job(
+    session: Session, job: Job, *, owner: str, lease_seconds: float, now: datetime
+) -> Start:
+    """Move a due job on: scheduled -> notifying (its first host's notice starts) or running (its
+    first host's item claimed), notifying -> running once the notice is over.
+
+    The caller holds the job's row lock (the same lock cancel and abort take), and the item
+    changes in the same transaction, so of two replicas only one starts a job.
+    """
+    if job.state == JobState.NOTIFYING.value:
+        return _end_notice(session, job, owner=owner, lease_seconds=lease_seconds, now=now)
+    if job.state != JobState.SCHEDULED.value:
+        return Start(StartKind.NOT_STARTABLE)
+    if job.not_after is not None and now >= job.not_after:
+        transition(
+            session,
+            job,
+            JobState.EXPIRED,
+            reason="not_started_before_not_after",
+            detail=f"could not start before not_after {job.not_after}",
+            actor="scheduler",
+            at=now,
+        )
+        return Start(StartKind.EXPIRED)
+    if job.not_before is not None and job.not_before > now:
+        return Start(StartKind.NOT_YET, at=job.not_before)
+    first = session.scalars(
+        select(JobHost.host)
+        .where(JobHost.job_id == job.id, JobHost.state == ItemState.PENDING.value)
+        .order_by(JobHost.wave, JobHost.position)
+    ).first()
+    if first is not None and job.notice_seconds > 0:
+        until = now + timedelta(seconds=job.notice_seconds)
+        if not start_notice(session, job.id, first, until, now):
+            return Start(StartKind.WAITING, host=first)
+        _started(session, job, now, JobState.NOTIFYING, notice_until=until.isoformat())
+        return Start(StartKind.NOTICE, at=until)
+    lease = None
+    if first is not None:
+        lease = claim_item(session, job.id, first, owner, lease_seconds, now)
+        if lease is None:
+            return Start(StartKind.WAITING, host=first)
+    _started(session, job, now, JobState.RUNNING)
+    job.runner_id, job.heartbeat_at = owner, now
+    return Start(StartKind.CLAIMED, lease=lease)
+
+
+def _end_notice(
+    session: Session, job: Job, *, owner: str, lease_seconds: float, now: datetime
+) -> Start:
+    ends = notice_ends(session, job.id)
+    if ends is not None and ends > now:
+        return Start(StartKind.NOT_YET, at=ends)
+    lease = None
+    if ends is not None:
+        host = session.scalars(
+            select(JobHost.host).where(
+                JobHost.job_id == job.id, JobHost.state == ItemState.NOTIFYING.value
+            )
+        ).first()
+        assert host is not None
+        lease = claim_item(session, job.id, host, owner, lease_seconds, now)
+        if lease is None:
+            return Start(StartKind.WAITING, host=host)
+    transition(session, job, JobState.RUNNING, actor="scheduler", at=now, notice_ended=True)
+    job.runner_id, job.heartbeat_at = owner, now
+    return Start(StartKind.CLAIMED, lease=lease)
+
+
+LATE_AFTER_SECONDS = 1.0
+
+
+def _started(session: Session, job: Job, now: datetime, target: JobState, **details: Any) -> None:
+    late = (now - (job.not_before or job.created_at)).total_seconds()
+    if job.not_before is not None and late > LATE_AFTER_SECONDS:
+        record_event(
+            session,
+            "job_started_late",
+            f"job {job.id} starts {late:.1f} s late",
+            job_id=job.id,
+            actor="scheduler",
+            at=now,
+            late_seconds=round(late, 3),
+        )
+    transition(session, job, target, actor="scheduler", at=now, **details)
+    job.started_at = now
+
+
+def cancel_job(session: Session, job: Job, *, actor: str, now: datetime) -> None:
+    """Cancel a job that has not paused anything: scheduled, or in its notice.
+
+    The caller holds the job's row lock and has checked it is cancellable."""
+    transition(session, job, JobState.CANCELLED, reason="cancelled", actor=actor, at=now)
+
+
+def abort_job(session: Session, job: Job, *, actor: str, now: datetime) -> bool:
+    """Abort a started job; True if it ended at once (in its notice nobody owns anything), False
+    if its owner must see the flag at its next renewal and resume its guests first.
+
+    The caller holds the job's row lock and has checked it is abortable."""
+    if job.state == JobState.NOTIFYING.value and in_notice(session, job.id):
+        transition(
+            session,
+            job,
+            JobState.ABORTED,
+            reason="aborted",
+            detail="aborted during the notice",
+            actor=actor,
+            at=now,
+        )
+        return True
+    items = request_abort(session, job)
+    record_event(
+        session,
+        "abort_requested",
+        f"abort of job {job.id} requested",
+        job_id=job.id,
+        actor=actor,
+        at=now,
+        items=items,
+        runner=job.runner_id,
+    )
+    return False

@@ -70,7 +70,7 @@ def _take_over_expired(ctx: EngineContext) -> None:
                 JobHost.owner,
                 JobHost.epoch,
                 JobHost.lease_expires_at,
-            ).where(JobHost.state.in_(HELD))
+            ).where(JobHost.state.in_(HELD), JobHost.owner.is_not(None))  # not in a notice
         ).all()
     for item in held:
         if item.job_id in ctx.active:

@@ -31,6 +31,7 @@ class SettleKind(StrEnum):
     RUNNING = "running"  # confirmed running
     LEFT_ALONE = "left_alone"  # paused for a reason not ours, or shut off: flagged, not touched
     GONE = "gone"  # the guest no longer exists
+    FENCED = "fenced"  # no longer ours: another owner took the work over; not touched, not recorded
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,14 @@ def resume_until_settled(
     """Resume until settled, retrying with backoff for as long as it takes; None once stop is set.
 
     `fence()` true means the guest is no longer ours to touch (another replica took the work
-    over): the loop ends at once without another call, returning None.
+    over): the loop ends at once without another call, settled FENCED.
     """
     delay, attempts = first_delay, 0
-    while not stop.is_set() and not (fence is not None and fence()):
+    while not stop.is_set():
+        if fence is not None and fence():
+            return _settled(
+                SettleKind.FENCED, note="taken over by another owner", attempts=attempts
+            )
         attempts += 1
         try:
             if hv.resume(uuid):
@@ -208,10 +213,13 @@ class Resumer:
                 hv, task.uuid, stop=self._stop, on_failure=task._note_failure, fence=fence
             )
             if settled is None:
-                # Shutting down, or fenced off: the intent stays open for whoever owns it now
-                # (the guardian, the next start, the replica that took the work over).
+                # Shutting down: the intent stays open for the guardian and the next start.
                 return
             task._settle(settled)
+            if settled.kind is SettleKind.FENCED:
+                # The owner that took the work over resumes and records this guest; whoever
+                # waits on this task learns at once that it is no longer ours.
+                return
             if then is not None:
                 try:
                     task.result = then(task)

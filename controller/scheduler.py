@@ -1,7 +1,9 @@
 """APScheduler wiring. The database is the source of truth; APScheduler only holds timers.
 
-APScheduler runs with its memory job store: at start, pending jobs are re-armed from our own
-tables. Rule for overlapping jobs: a job whose host is busy with another job waits in `scheduled`
+APScheduler runs with its memory job store, on the leader only: when a replica becomes leader,
+its sweep arms a timer for every job waiting to start, from our own tables. A notice is stored
+(the item's notice_until), never waited out by a thread: a timer or a follower's poll claims
+the item when it ends. Rule for overlapping jobs: a job whose host is busy with another job waits in `scheduled`
 and starts as soon as the host is free (first come, first served), unless its not_after passes
 first, which ends it `expired`. A job is never refused for overlap.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
@@ -22,17 +25,27 @@ from controller import jobs as job_service
 from controller.db import is_database_outage, unit_of_work
 from controller.engine import EngineContext, run_job
 from controller.events import record_event
-from controller.lifecycle import ItemState, Lease, claim_item, request_abort, transition
+from controller.leader import Leadership, leadership_for
+from controller.lifecycle import (
+    ItemState,
+    Lease,
+    StartKind,
+    abort_job,
+    cancel_job,
+    notice_ends,
+    start_job,
+    transition,
+)
 from controller.models import Job, JobHost, utcnow
 from controller.recovery import reconcile
 from controller.states import JobState
 
 log = logging.getLogger(__name__)
 
-LATE_AFTER_SECONDS = 1.0
 # A claimed job without hosts (its host list was emptied): it runs to its verdict at once.
 _NO_HOSTS = Lease(0, 0, "", "", 0, datetime.min.replace(tzinfo=UTC))
 SWEEP_SECONDS = 1.0
+POLL_SECONDS = 1.0
 
 
 def _timer_id(job_id: int) -> str:
@@ -40,40 +53,49 @@ def _timer_id(job_id: int) -> str:
 
 
 class MaintenanceScheduler:
-    def __init__(self, ctx: EngineContext) -> None:
+    """Timers, the sweep and the start of due work, on one replica of the service.
+
+    Every replica serves the API, reconciles, and executes the work it claims in its own pool
+    of max_parallel_jobs threads. Only the leader (controller.leader) arms start timers and runs
+    the sweep; followers poll for due work every second instead, so a job submitted to any
+    replica starts even while the leader is busy, and the claim (a conditional UPDATE) decides
+    who runs it.
+    """
+
+    def __init__(self, ctx: EngineContext, *, leadership: Leadership | None = None) -> None:
         self.ctx = ctx
-        workers = ctx.settings.maintenance.max_parallel_jobs
+        self.max_jobs = ctx.settings.maintenance.max_parallel_jobs
         self._aps = BackgroundScheduler(
             timezone=UTC,
-            executors={"jobs": APSThreadPool(workers), "housekeeping": APSThreadPool(2)},
+            executors={"default": APSThreadPool(4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
+        self._leadership = leadership
+        self._pool = ThreadPoolExecutor(self.max_jobs, thread_name_prefix="job")
         self._lock = threading.Lock()
+        self._queued: set[int] = set()  # submitted to the pool, not yet ended
         self._waiting_noted: set[int] = set()
         self._outage_noted: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def is_leader(self) -> bool:
+        return self._leadership is not None and self._leadership.is_leader
+
     def start(self) -> None:
         reconcile(ctx=self.ctx)  # guests first: before anything new can run
+        if self._leadership is None:
+            self._leadership = leadership_for(self.ctx.settings.database.url)
         self._aps.start()
-        m = self.ctx.settings.maintenance
-        self._aps.add_job(
-            self._sweep, "interval", seconds=SWEEP_SECONDS, id="sweep", executor="housekeeping"
-        )
         self._aps.add_job(
             self._reconcile,
             "interval",
-            seconds=m.reconcile_interval_seconds,
+            seconds=self.ctx.settings.maintenance.reconcile_interval_seconds,
             id="reconcile",
-            executor="housekeeping",
         )
-        with unit_of_work(self.ctx.session_factory) as s:
-            pending = s.execute(
-                select(Job.id, Job.not_before).where(Job.state == JobState.SCHEDULED.value)
-            ).all()
-        for job_id, not_before in pending:
-            self.arm(job_id, not_before)
+        self._aps.add_job(self._poll, "interval", seconds=POLL_SECONDS, id="poll")
+        self._leadership.start(on_gain=self._lead, on_loss=self._follow)
 
     def shutdown(self) -> None:
         """Stop timers, abort running jobs (their guests are resumed now) and wait for them."""
@@ -83,13 +105,34 @@ class MaintenanceScheduler:
                 "shutting down: aborting running jobs %s; their guests are resumed", aborted
             )
         self.ctx.stopping.set()  # a job waiting for the database leaves its records journaled
-        self._aps.shutdown(wait=True)
+        if self._aps.running:
+            self._aps.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        if self._leadership is not None:
+            self._leadership.stop()
+
+    def _lead(self) -> None:
+        """Became leader: run the sweep, which arms a timer for every job waiting to start."""
+        self._aps.add_job(
+            self._sweep, "interval", seconds=SWEEP_SECONDS, id="sweep", replace_existing=True
+        )
+        self._sweep()
+
+    def _follow(self) -> None:
+        """Lost the lead: drop the sweep and every timer; the new leader re-arms them."""
+        for timer in self._aps.get_jobs():
+            if timer.id == "sweep" or timer.id.startswith("job-"):
+                timer.remove()
 
     def _reconcile(self) -> None:
         self._housekeeping("reconciliation", lambda: reconcile(ctx=self.ctx))
 
     def _sweep(self) -> None:
         self._housekeeping("the sweep", self.sweep)
+
+    def _poll(self) -> None:
+        if not self.is_leader:
+            self._housekeeping("the work poll", self.poll)
 
     def _housekeeping(self, what: str, work: Callable[[], object]) -> None:
         """Run a periodic task; a database outage is one warning until it ends, not a traceback
@@ -107,38 +150,107 @@ class MaintenanceScheduler:
             self._outage_noted.discard(what)
             log.warning("%s runs again: the database answers", what)
 
-    # --- timers ----------------------------------------------------------------------------
+    # --- timers (leader) and the poll (followers) -------------------------------------------
 
-    def arm(self, job_id: int, not_before: datetime | None) -> None:
-        """Start the job at not_before (or now); APScheduler only holds the timer."""
-        when = not_before if not_before is not None and not_before > utcnow() else utcnow()
+    def arm(self, job_id: int, when: datetime | None) -> None:
+        """Start the job at `when` (its not_before, or its notice's end), or now.
+
+        The leader holds the timer; on a follower a due job goes to this replica's pool at once
+        and a later one is left to the leader's sweep, which arms it within a second.
+        """
+        now = utcnow()
+        if not self._aps.running:
+            return  # not started (an API-only app): the next start's sweep arms it
+        if not self.is_leader:
+            if when is None or when <= now:
+                self._submit(job_id)
+            return
         self._aps.add_job(
-            self.start_now,
+            self._submit,
             "date",
-            run_date=when,
+            run_date=when if when is not None and when > now else now,
             args=[job_id],
             id=_timer_id(job_id),
             replace_existing=True,
-            executor="jobs",
         )
 
     def sweep(self) -> None:
-        """Expire jobs that missed their window; re-arm due jobs that waited for a busy host."""
+        """Expire jobs that missed their window; arm a timer for every job waiting to start
+        (submitted on another replica, waiting for a busy host, or armed by a former leader)."""
         now = utcnow()
         with unit_of_work(self.ctx.session_factory) as s:
-            due = list(s.scalars(select(Job).where(Job.state == JobState.SCHEDULED.value)))
-            for job in due:
-                if job_service.expiry_due(job, now):
+            waiting = list(
+                s.scalars(
+                    select(Job).where(
+                        Job.state.in_([JobState.SCHEDULED.value, JobState.NOTIFYING.value])
+                    )
+                )
+            )
+            starts: dict[int, datetime | None] = {}
+            for job in waiting:
+                if job.state == JobState.NOTIFYING.value:
+                    starts[job.id] = notice_ends(s, job.id)
+                elif job_service.expiry_due(job, now):
                     self._expire(s, job)
-            waiting = [
-                j.id
-                for j in due
-                if j.state == JobState.SCHEDULED.value
-                and (j.not_before is None or j.not_before <= now)
-            ]
-        for job_id in waiting:
-            if self._aps.get_job(_timer_id(job_id)) is None:
-                self.arm(job_id, None)
+                else:
+                    starts[job.id] = job.not_before
+        for job_id, when in starts.items():
+            if job_id not in self._queued and self._aps.get_job(_timer_id(job_id)) is None:
+                self.arm(job_id, when)
+
+    def poll(self) -> None:
+        """A follower's share of the work: claim due jobs while this replica has room."""
+        room = self.max_jobs - len(self._queued)
+        if room <= 0:
+            return
+        now = utcnow()
+        with unit_of_work(self.ctx.session_factory) as s:
+            due = list(
+                s.scalars(
+                    select(Job.id)
+                    .where(
+                        Job.state == JobState.SCHEDULED.value,
+                        Job.not_before.is_(None) | (Job.not_before <= now),
+                    )
+                    .order_by(Job.not_before, Job.id)
+                    .limit(room)
+                )
+            )
+            due += s.scalars(
+                select(JobHost.job_id)
+                .where(
+                    JobHost.state == ItemState.NOTIFYING.value,
+                    JobHost.owner.is_(None),
+                    JobHost.notice_until <= now,
+                )
+                .distinct()
+                .limit(room)
+            )
+        for job_id in due:
+            self._submit(job_id)
+
+    def _submit(self, job_id: int) -> None:
+        with self._lock:
+            if job_id in self._queued:
+                return
+            self._queued.add(job_id)
+        try:
+            self._pool.submit(self._run_queued, job_id)
+        except RuntimeError:  # shutting down
+            with self._lock:
+                self._queued.discard(job_id)
+
+    def _run_queued(self, job_id: int) -> None:
+        try:
+            self.start_now(job_id)
+        except Exception as exc:
+            if is_database_outage(exc):
+                log.warning("job %s waits for the database to start: %s", job_id, exc)
+            else:
+                log.exception("job %s could not start", job_id)
+        finally:
+            with self._lock:
+                self._queued.discard(job_id)
 
     @staticmethod
     def _expire(s: Session, job: Job) -> None:
@@ -154,55 +266,39 @@ class MaintenanceScheduler:
     # --- starting a job --------------------------------------------------------------------
 
     def _claim(self, job_id: int) -> Lease | None:
-        """Move a due job from scheduled to notifying/running, claiming its first host's item.
-
-        The job starts only if its first host is free; the claim of that item and the job's
-        transition commit together, so two replicas can never both start it.
-        """
-        now = utcnow()
+        """Take a due job one step on (lifecycle.start_job); the lease of its claimed item if it
+        runs now, else None (waiting for a host, in its notice, not due, ended)."""
         m = self.ctx.settings.maintenance
-        with self._lock, unit_of_work(self.ctx.session_factory) as s:
+        with unit_of_work(self.ctx.session_factory) as s:
             job = s.get(Job, job_id, with_for_update=True)
-            if job is None or job.state != JobState.SCHEDULED.value:
+            if job is None:
                 return None
-            if job_service.expiry_due(job, now):
-                self._expire(s, job)
+            start = start_job(
+                s, job, owner=self.ctx.runner_id, lease_seconds=m.lease_seconds, now=utcnow()
+            )
+            if start.kind is StartKind.WAITING:
+                assert start.host is not None
+                self._note_waiting(s, job_id, start.host)
                 return None
-            first = s.scalars(
-                select(JobHost.host)
-                .where(JobHost.job_id == job_id, JobHost.state == ItemState.PENDING.value)
-                .order_by(JobHost.wave, JobHost.position)
-            ).first()
-            lease = None
-            if first is not None:
-                lease = claim_item(s, job_id, first, self.ctx.runner_id, m.lease_seconds, now)
-                if lease is None:
-                    if job_id not in self._waiting_noted:
-                        self._waiting_noted.add(job_id)
-                        record_event(
-                            s,
-                            "job_waiting",
-                            f"job {job_id} waits for host {first}, busy with another job",
-                            job_id=job_id,
-                            actor="scheduler",
-                            hosts=[first],
-                        )
-                    return None
-            late = job_service.lateness(job, now).total_seconds()
-            if job.not_before is not None and late > LATE_AFTER_SECONDS:
-                record_event(
-                    s,
-                    "job_started_late",
-                    f"job {job_id} starts {late:.1f} s late",
-                    job_id=job_id,
-                    actor="scheduler",
-                    late_seconds=round(late, 3),
-                )
-            target = JobState.NOTIFYING if job.notice_seconds > 0 else JobState.RUNNING
-            transition(s, job, target, actor="scheduler")
-            job.started_at, job.runner_id, job.heartbeat_at = now, self.ctx.runner_id, now
             self._waiting_noted.discard(job_id)
-            return lease or _NO_HOSTS
+            if start.kind is StartKind.NOTICE:
+                self.arm(job_id, start.at)
+            if start.kind is not StartKind.CLAIMED:
+                return None
+            return start.lease or _NO_HOSTS
+
+    def _note_waiting(self, s: Session, job_id: int, host: str) -> None:
+        if job_id in self._waiting_noted:
+            return
+        self._waiting_noted.add(job_id)
+        record_event(
+            s,
+            "job_waiting",
+            f"job {job_id} waits for host {host}, busy with another job",
+            job_id=job_id,
+            actor="scheduler",
+            hosts=[host],
+        )
 
     def start_now(self, job_id: int) -> None:
         """Start a due job in the calling thread and run it to its end (no-op if not startable)."""
@@ -212,33 +308,31 @@ class MaintenanceScheduler:
         try:
             run_job(job_id=job_id, ctx=self.ctx, lease=None if lease is _NO_HOSTS else lease)
         finally:
-            self._sweep()  # a waiting job may start now
+            if self.is_leader:
+                self._sweep()  # a waiting job may start now
 
     # --- operator actions ------------------------------------------------------------------
 
     def cancel(self, job_id: int, *, actor: str) -> None:
+        """Cancel a job before its pause: scheduled, or in its notice (from any replica)."""
         with unit_of_work(self.ctx.session_factory) as s:
             job = job_service.get_job(s, job_id, lock=True)  # the lock the claim takes
             job_service.ensure_cancellable(job)
-            transition(s, job, JobState.CANCELLED, reason="cancelled", actor=actor)
-        self.ctx.active.abort(job_id)  # wakes a job waiting out its notice
-        if self._aps.get_job(_timer_id(job_id)) is not None:
-            self._aps.remove_job(_timer_id(job_id))
+            cancel_job(s, job, actor=actor, now=utcnow())
+        self._drop_timer(job_id)
 
     def abort(self, job_id: int, *, actor: str) -> None:
-        """Flag the job for abort in the database: its owner, on any replica, sees it at its next
-        lease renewal (every lease_renew_seconds) and resumes its guests."""
+        """Abort a job: in its notice it ends at once; running, its owner (on any replica) sees
+        the flag at its next lease renewal (every lease_renew_seconds) and resumes its guests."""
         with unit_of_work(self.ctx.session_factory) as s:
             job = job_service.get_job(s, job_id, lock=True)
             job_service.ensure_abortable(job)
-            items = request_abort(s, job)
-            record_event(
-                s,
-                "abort_requested",
-                f"abort of job {job_id} requested",
-                job_id=job_id,
-                actor=actor,
-                items=items,
-                runner=job.runner_id,
-            )
+            ended = abort_job(s, job, actor=actor, now=utcnow())
+        if ended:
+            self._drop_timer(job_id)
         self.ctx.active.abort(job_id)  # at once if it runs here
+
+    def _drop_timer(self, job_id: int) -> None:
+        timer = self._aps.get_job(_timer_id(job_id)) if self._aps.running else None
+        if timer is not None:
+            timer.remove()

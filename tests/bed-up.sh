@@ -16,5 +16,7 @@ pg_lsclusters --no-header | awk 'NR==1 {print $4}' | grep -q online || pg_ctlclu
 for _ in $(seq 1 50); do runuser -u postgres -- pg_isready -q && break; sleep 0.2; done
 runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='maintctl'" | grep -q 1 || \
   runuser -u postgres -- psql -qc "CREATE ROLE maintctl LOGIN PASSWORD 'maintctl' CREATEDB"
+# Tests drop their databases WITH (FORCE), which must also end an autovacuum worker's session.
+runuser -u postgres -- psql -qc "GRANT pg_signal_backend TO maintctl" 2>/dev/null
 runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='maintctl'" | grep -q 1 || \
   runuser -u postgres -- psql -qc "CREATE DATABASE maintctl OWNER maintctl"

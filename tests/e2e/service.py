@@ -23,6 +23,7 @@ journal_path = "{journal}"
 [maintenance]
 guardian = {guardian}
 reconcile_interval_seconds = 1.0
+{maintenance}
 {hosts}
 [runbooks.sleep]
 argv = ["sleep", "{{seconds}}"]
@@ -57,6 +58,7 @@ class Service:
         db_url: str | None = None,
         guardian: bool = True,
         extra: str = "",
+        maintenance: str = "",
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -69,6 +71,7 @@ class Service:
                 journal=tmp / "maintctl.journal",
                 hosts=hosts,
                 guardian="true" if guardian else "false",
+                maintenance=maintenance,
             )
             + extra
         )

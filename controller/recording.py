@@ -1,0 +1,332 @@
+"""How one host's maintenance cycle is written down: its rows and events, in order.
+
+Before the first pause each step is recorded in one short transaction of its own, and the pause
+intents are committed before any suspend call is made. From the first pause on nothing waits on
+the database: the records go to the outbox, which writes them in order (and keeps them in its
+journal while the database is away). HostCycle (controller.engine) says when; this says how.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from controller.clock import ClockSync
+from controller.db import unit_of_work
+from controller.events import record_event
+from controller.guest_ops import PauseResult, WallClock
+from controller.hypervisor import GuestInfo
+from controller.inventory import record_guest_states
+from controller.lifecycle import Lease
+from controller.models import JobGuest, PauseIntent, utcnow
+from controller.outbox import (
+    AddEvent,
+    FinishItem,
+    FinishJob,
+    Op,
+    Outbox,
+    ResolveIntent,
+    UpdateGuest,
+)
+from controller.resumption import ResumeTask, Settled, SettleKind
+from controller.runbooks import RunbookOutcome, RunbookProcess, RunbookResult
+from controller.runtime import HostRef, JobSpec
+from controller.verdicts import BudgetExceeded, HostResult, Verdict, item_state
+
+
+def _late(task: ResumeTask) -> str:
+    return " (late: it was resume_pending)" if task.was_pending else ""
+
+
+class HostRecorder:
+    """The records of one job's cycle on one host."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        session_factory: sessionmaker[Session],
+        spec: JobSpec,
+        host: HostRef,
+        wall: WallClock,
+        *,
+        runbook_timeout: float,
+        resume_reserve: float,
+    ) -> None:
+        self.outbox, self.session_factory, self.wall = outbox, session_factory, wall
+        self.job_id, self.host, self.host_uri = spec.id, host.name, host.uri
+        self.runbook, self.budget = spec.runbook, spec.budget
+        self.runbook_timeout, self.resume_reserve = runbook_timeout, resume_reserve
+
+    # --- before the pause: one short transaction each ----------------------------------------
+
+    def _tx(self) -> AbstractContextManager[Session]:
+        return unit_of_work(self.session_factory)
+
+    def _event(self, s: Session, kind: str, message: str, **kw: Any) -> None:
+        record_event(s, kind, message, job_id=self.job_id, host=self.host, **kw)
+
+    def host_unavailable(self, error: str) -> None:
+        with self._tx() as s:
+            self._event(s, "host_unavailable", error)
+
+    def preflight(
+        self,
+        guests: list[GuestInfo],
+        skipped: list[tuple[GuestInfo, str]],
+        blockers: list[tuple[GuestInfo, str]],
+    ) -> None:
+        with self._tx() as s:
+            record_guest_states(s, self.host, guests)
+            for guest, why in skipped + blockers:
+                s.add(
+                    JobGuest(
+                        job_id=self.job_id,
+                        host=self.host,
+                        guest=guest.name,
+                        guest_uuid=guest.uuid,
+                        skipped_reason=why,
+                        status="skipped",
+                    )
+                )
+                kind = "guest_blocking" if (guest, why) in blockers else "guest_skipped"
+                self._event(
+                    s,
+                    kind,
+                    f"{guest.name}: {why}",
+                    guest=guest.name,
+                    state=guest.state.value,
+                    state_reason=guest.reason,
+                )
+            self._event(
+                s,
+                "preflight_done",
+                f"{len(guests)} guest(s) on {self.host}",
+                guests=len(guests),
+                skipped=len(skipped),
+                blockers=len(blockers),
+            )
+
+    def intents(self, targets: list[GuestInfo]) -> None:
+        """The write-ahead record: committed before any suspend call is made."""
+        with self._tx() as s:
+            for guest in targets:
+                s.add(
+                    PauseIntent(
+                        job_id=self.job_id,
+                        host=self.host,
+                        host_uri=self.host_uri,
+                        guest=guest.name,
+                        guest_uuid=guest.uuid,
+                    )
+                )
+            self._event(
+                s,
+                "pausing",
+                f"pausing {len(targets)} guest(s) on {self.host}",
+                guests=[g.name for g in targets],
+                budget_seconds=self.budget,
+            )
+
+    # --- from the first pause on: through the outbox -----------------------------------------
+
+    def _add_event(self, kind: str, message: str, guest: str | None = None, **details: Any) -> Op:
+        return AddEvent(kind, message, utcnow(), self.job_id, self.host, guest, details=details)
+
+    def _guest_update(self, guest: GuestInfo | ResumeTask, **values: Any) -> Op:
+        uuid = guest.uuid
+        return UpdateGuest(self.job_id, self.host, guest.name, uuid, values)
+
+    def pauses(
+        self,
+        pauses: list[PauseResult],
+        paused_at: Mapping[str, datetime],
+        proc: RunbookProcess | None,
+    ) -> None:
+        ops: list[Op] = []
+        for p in pauses:
+            if p.paused:
+                ops += [
+                    self._guest_update(p.guest, paused_at=paused_at[p.guest.uuid], status="paused"),
+                    self._add_event(
+                        "guest_paused",
+                        f"{p.guest.name} paused",
+                        p.guest.name,
+                        suspend_ms=round((p.finished - p.started) * 1000, 3),
+                    ),
+                ]
+            elif p.uncertain:
+                ops += [
+                    self._guest_update(p.guest, status="paused"),
+                    self._add_event(
+                        "guest_pause_uncertain",
+                        f"{p.guest.name}: {p.error}; resumed afterwards to be sure",
+                        p.guest.name,
+                    ),
+                ]
+            else:
+                ops += [
+                    self._guest_update(
+                        p.guest, skipped_reason=f"not paused: {p.error}"[:255], status="not_paused"
+                    ),
+                    self._add_event(
+                        "guest_pause_failed", f"{p.guest.name}: {p.error}", p.guest.name
+                    ),
+                ]
+        if proc is not None:
+            ops.append(
+                self._add_event(
+                    "runbook_started",
+                    f"runbook {self.runbook} started (pid {proc.pgid})",
+                    argv=proc.argv,
+                    pid=proc.pgid,
+                    timeout_seconds=self.runbook_timeout,
+                )
+            )
+        self.outbox.submit(*ops)
+        # Resolving never stops a batch that records other guests, so each goes on its own.
+        for p in pauses:
+            if not p.paused and not p.uncertain:
+                at = self.wall.at(p.finished)
+                self.outbox.submit(ResolveIntent(self.job_id, p.guest.uuid, "not_paused", at))
+
+    def runbook_finished(self, rb: RunbookResult) -> None:
+        ops: list[Op] = [
+            self._add_event(
+                "runbook_finished",
+                f"runbook {self.runbook}: {rb.outcome.value} (exit {rb.exit_code}) "
+                f"after {rb.duration_s:.3f} s",
+                outcome=rb.outcome.value,
+                exit_code=rb.exit_code,
+                duration_s=round(rb.duration_s, 6),
+                stdout=rb.stdout,
+                stderr=rb.stderr,
+                error=rb.error,
+            )
+        ]
+        if rb.outcome is RunbookOutcome.BUDGET_EXCEEDED:
+            ops.append(
+                self._add_event(
+                    "budget_exceeded",
+                    f"runbook still running at the budget deadline: killed after pausing "
+                    f"{self.budget:g} s - {self.resume_reserve:g} s reserve",
+                )
+            )
+        self.outbox.submit(*ops)
+
+    def resume_pending(self, task: ResumeTask, waited: float) -> None:
+        self.outbox.submit(
+            self._guest_update(task, status="resume_pending"),
+            self._add_event(
+                "resume_pending",
+                f"{task.name}: not confirmed running after {waited:.1f} s "
+                f"({task.last_error or 'no answer yet'}); still retrying",
+                task.name,
+                error=task.last_error,
+            ),
+        )
+
+    def resumed(
+        self,
+        task: ResumeTask,
+        settled: Settled,
+        resumed_at: datetime,
+        ms: float | None,
+        *,
+        by_guardian: bool,
+    ) -> None:
+        said = f"resumed after {ms} ms" if ms is not None else "running (pause unconfirmed)"
+        if by_guardian:
+            said += " by the guardian"
+        self.outbox.submit(
+            ResolveIntent(self.job_id, task.uuid, "resumed", resumed_at),
+            self._guest_update(
+                task, resumed_at=resumed_at, pause_ms=ms, status="resumed", flagged=None
+            ),
+            self._add_event(
+                "guest_resumed",
+                f"{task.name} {said}{_late(task)}",
+                task.name,
+                pause_ms=ms,
+                was_paused=settled.we_resumed,
+                by_guardian=by_guardian,
+                attempts=settled.attempts,
+                late=task.was_pending,
+            ),
+        )
+
+    def not_resumed(self, task: ResumeTask, settled: Settled, at: datetime) -> None:
+        """Left paused for a reason not ours, shut off, or gone: flagged and left as it is."""
+        resolution = "gone" if settled.kind is SettleKind.GONE else "flagged"
+        self.outbox.submit(
+            ResolveIntent(self.job_id, task.uuid, resolution, at),
+            self._guest_update(task, flagged=settled.note[:255], status="flagged"),
+            self._add_event(
+                "guest_left_paused" if resolution == "flagged" else "guest_gone",
+                f"{task.name}: {settled.note}; left as it is{_late(task)}",
+                task.name,
+                note=settled.note,
+            ),
+        )
+
+    def clock_synced(self, task: ResumeTask, c: ClockSync) -> None:
+        skew = "" if c.skew_ms is None else f", skew {c.skew_ms:+.3f} ms"
+        self.outbox.submit(
+            self._guest_update(
+                task,
+                clock_skew_ms=c.skew_ms,
+                sync_method=c.method.value,
+                sync_outcome=c.outcome.value,
+            ),
+            self._add_event(
+                "clock_synced" if not c.is_warning else "clock_sync_failed",
+                f"{task.name}: {c.outcome.value} via {c.method.value}{skew}",
+                task.name,
+                method=c.method.value,
+                outcome=c.outcome.value,
+                skew_ms=c.skew_ms,
+                attempts=c.attempts,
+                error=c.error,
+            ),
+        )
+
+    def budget_exceeded(self, exceeded: BudgetExceeded) -> None:
+        self.outbox.submit(
+            self._add_event("budget_exceeded", exceeded.message, guests=exceeded.guests)
+        )
+
+
+# --- the job's records around its host cycles ----------------------------------------------------
+
+
+def record_host_waiting(s: Session, *, job_id: int, host: str) -> None:
+    """Noted once, in the claim's transaction, when the host is busy with another job."""
+    record_event(
+        s,
+        "host_waiting",
+        f"job {job_id} waits for host {host}, busy with another job",
+        job_id=job_id,
+        host=host,
+    )
+
+
+def item_finished(lease: Lease, result: HostResult) -> FinishItem:
+    """The end of a host's work item, written if the lease (owner and epoch) still holds."""
+    return FinishItem(
+        lease.item_id,
+        lease.job_id,
+        lease.host,
+        lease.owner,
+        lease.epoch,
+        item_state(result).value,
+        utcnow(),
+        result.failure,
+        result.detail or None,
+    )
+
+
+def job_finished(job_id: int, verdict: Verdict) -> FinishJob:
+    return FinishJob(job_id, verdict.state.value, utcnow(), verdict.reason, verdict.detail or None)
