@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
@@ -15,10 +19,14 @@ from api.limits import BodyLimit, InputScreen
 from api.routes import events, health, hosts, jobs, runbooks, tokens
 from controller.db import make_engine, make_session_factory, unit_of_work
 from controller.engine import EngineContext
+from controller.host_pings import HostPings
 from controller.hypervisor import HypervisorPool
 from controller.inventory import sync_config_hosts
 from controller.scheduler import MaintenanceScheduler
 from controller.settings import Settings
+from controller.tokens import LAST_USED_RESOLUTION, TokenUses
+
+log = logging.getLogger(__name__)
 
 ERROR_STATUSES = {
     "400": "Malformed request",
@@ -74,6 +82,16 @@ def _check_every_route_declares_a_role(app: FastAPI) -> None:
                 )
 
 
+async def _stamp_token_uses(uses: TokenUses, session_factory: sessionmaker[Session]) -> None:
+    """Write the noted token uses once a minute; requests only note them."""
+    while True:
+        await asyncio.sleep(LAST_USED_RESOLUTION.total_seconds())
+        try:
+            await run_in_threadpool(uses.flush, session_factory=session_factory)
+        except Exception:
+            log.exception("token uses not written; trying again in a minute")
+
+
 def create_app(
     settings: Settings, *, ctx: EngineContext | None = None, run_scheduler: bool = True
 ) -> FastAPI:
@@ -88,6 +106,8 @@ def create_app(
             hypervisors=HypervisorPool(lambda uri: LibvirtHost(uri, call_timeout=timeout)),
         )
     scheduler = MaintenanceScheduler(ctx)
+    host_pings = HostPings(ctx.hypervisors)  # health's own threads, not ctx.pool
+    token_uses = TokenUses()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,12 +115,20 @@ def create_app(
             sync_config_hosts(s, settings)
         if run_scheduler:
             scheduler.start()
+        stamper = asyncio.create_task(_stamp_token_uses(token_uses, ctx.session_factory))
         try:
             yield
         finally:
+            stamper.cancel()
+            with suppress(asyncio.CancelledError):
+                await stamper
             if run_scheduler:
                 scheduler.shutdown()
-            ctx.close()
+            host_pings.close()
+            try:
+                token_uses.flush(session_factory=ctx.session_factory)
+            finally:
+                ctx.close()
 
     app = FastAPI(
         title="maintctl",
@@ -111,6 +139,8 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.scheduler = scheduler
+    app.state.host_pings = host_pings
+    app.state.token_uses = token_uses
     problems.install(app)
     for module in (health, hosts, runbooks, jobs, events, tokens):
         app.include_router(module.router)

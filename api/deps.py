@@ -16,9 +16,11 @@ from sqlalchemy.orm import Session
 
 from controller.db import unit_of_work
 from controller.engine import EngineContext
+from controller.host_pings import HostPings
+from controller.models import utcnow
 from controller.scheduler import MaintenanceScheduler
 from controller.settings import Settings
-from controller.tokens import Principal, Role, authenticate, record_use
+from controller.tokens import Principal, Role, TokenUses, authenticate
 
 ROLE_KEY = "x-required-role"
 PUBLIC = "none"
@@ -40,6 +42,16 @@ def get_ctx(request: Request) -> EngineContext:
 def get_scheduler(request: Request) -> MaintenanceScheduler:
     scheduler: MaintenanceScheduler = request.app.state.scheduler
     return scheduler
+
+
+def get_host_pings(request: Request) -> HostPings:
+    pings: HostPings = request.app.state.host_pings
+    return pings
+
+
+def get_token_uses(request: Request) -> TokenUses:
+    uses: TokenUses = request.app.state.token_uses
+    return uses
 
 
 def get_settings(request: Request) -> Settings:
@@ -74,7 +86,7 @@ def authorize(
         principal = authenticate(s, credentials.credentials)
     if principal is None:
         raise HTTPException(401, "invalid or revoked token", headers=challenge)
-    record_use(session_factory=ctx.session_factory, principal=principal)
+    get_token_uses(request).note(principal, utcnow())  # written later, off the request path
     if not principal.role.allows(Role(required)):
         raise HTTPException(403, f"role {principal.role.value} may not do this; needs {required}")
     request.state.principal = principal
@@ -91,4 +103,5 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CtxDep = Annotated[EngineContext, Depends(get_ctx)]
 SchedulerDep = Annotated[MaintenanceScheduler, Depends(get_scheduler)]
+HostPingsDep = Annotated[HostPings, Depends(get_host_pings)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

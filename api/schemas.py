@@ -217,3 +217,7 @@ class Health(BaseModel):
     hosts: dict[str, str]
     checks: HealthChecks
     outbox_backlog: int = Field(description="Record batches waiting for the database.")
+    runner: str = Field(description="This replica's runner id (host:pid:start time).")
+    leader: bool = Field(
+        description="Whether this replica runs the timers and the sweep (one replica at a time)."
+    )

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from controller.errors import Conflict, HypervisorError, NotFound
 from controller.events import record_event
-from controller.hypervisor import GuestInfo
-from controller.models import Guest, Host, utcnow
+from controller.hypervisor import GuestInfo, HypervisorPool
+from controller.models import Guest, Host, Job, utcnow
 from controller.settings import Settings
+from controller.states import ACTIVE, PENDING
 
 
 def sync_config_hosts(session: Session, settings: Settings) -> None:
@@ -73,3 +76,81 @@ def record_guest_states(session: Session, host_name: str, guests: Iterable[Guest
     gone = [uuid for uuid in known if uuid not in seen]
     if gone:
         session.execute(delete(Guest).where(Guest.host_id == host.id, Guest.uuid.in_(gone)))
+
+
+def list_hosts(session: Session) -> list[Host]:
+    """Every host, in maintenance order (update domain, then name)."""
+    return list(session.scalars(select(Host).order_by(Host.update_domain, Host.name)))
+
+
+def get_host(session: Session, name: str) -> Host:
+    host = session.scalars(select(Host).where(Host.name == name)).one_or_none()
+    if host is None:
+        raise NotFound(f"host {name!r} does not exist")
+    return host
+
+
+@dataclass(frozen=True)
+class HostListing:
+    host: Host
+    guests: list[GuestInfo]  # by name; empty when libvirt did not answer
+    error: str | None  # why libvirt did not answer
+
+
+def inspect_host(session: Session, hypervisors: HypervisorPool, *, name: str) -> HostListing:
+    """The host with its guests read live from libvirt. Writes nothing: the guest cache is the
+    engine's to refresh (at preflight), so a read never waits on, or fails for, a write."""
+    host = get_host(session, name)
+    try:
+        guests = hypervisors.get(host.uri).list_guests()
+    except HypervisorError as exc:
+        return HostListing(host, [], str(exc))
+    return HostListing(host, sorted(guests, key=lambda g: g.name), None)
+
+
+def add_host(
+    session: Session,
+    *,
+    name: str,
+    uri: str,
+    update_domain: int,
+    patch_via: str,
+    sync_clock: bool,
+    actor: str,
+) -> Host:
+    """A host managed through the API (source "api"); config-file hosts come from sync_config_hosts."""
+    if session.scalars(select(Host).where(Host.name == name)).one_or_none() is not None:
+        raise Conflict(f"host {name!r} already exists")
+    host = Host(
+        name=name,
+        uri=uri,
+        update_domain=update_domain,
+        patch_via=patch_via,
+        sync_clock=sync_clock,
+        source="api",
+    )
+    session.add(host)
+    record_event(
+        session,
+        "host_added",
+        f"host {name} ({uri})",
+        host=name,
+        actor=actor,
+        uri=uri,
+        update_domain=update_domain,
+    )
+    session.flush()
+    return host
+
+
+def remove_host(session: Session, *, name: str, actor: str) -> None:
+    """Only hosts added through the API, and only while no open job names them."""
+    host = get_host(session, name)
+    if host.source == "config":
+        raise Conflict(f"host {name!r} is declared in the config file: remove it there")
+    open_states = [s.value for s in ACTIVE | PENDING]
+    for job in session.scalars(select(Job).where(Job.state.in_(open_states))):
+        if name in job.host_names:
+            raise Conflict(f"host {name!r} has job {job.id} in state {job.state}")
+    session.delete(host)
+    record_event(session, "host_removed", f"host {name}", host=name, actor=actor)

@@ -1,19 +1,27 @@
-"""Job service functions: submit, plan (dry run), cancel, abort. Callers own the transaction."""
+"""Job service functions: submit, plan (dry run), list, cancel/abort rules.
+
+Callers own the transaction, except submit_once(), which commits: a job must be visible before
+its timer is armed, and an Idempotency-Key must be released when its job could not be created.
+"""
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from controller import idempotency
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.events import record_event
 from controller.hypervisor import HypervisorPool
 from controller.lifecycle import create_items
-from controller.models import Host, Job, JobGuest, JobHost, utcnow
+from controller.models import Event, Host, Job, JobGuest, JobHost, utcnow
+from controller.paging import Page, newest_first
 from controller.preflight import BusyGuestPolicy, admit, classify_guests
 from controller.rollout import host_order
 from controller.runbooks import build_argv
@@ -34,7 +42,9 @@ class JobRequest:
     busy_guests: BusyGuestPolicy = BusyGuestPolicy.SKIP
 
 
-def validate(session: Session, settings: Settings, req: JobRequest) -> tuple[list[Host], float]:
+def validate(
+    session: Session, settings: Settings, req: JobRequest, *, now: datetime | None = None
+) -> tuple[list[Host], float]:
     """Everything that can be checked without touching a guest; raises with a readable message."""
     if not req.hosts:
         raise InvalidRequest("hosts: name at least one host")
@@ -60,22 +70,33 @@ def validate(session: Session, settings: Settings, req: JobRequest) -> tuple[lis
         budget=budget,
         budget_cap=m.pause_budget_cap_seconds,
     )
-    horizon = utcnow() + timedelta(days=m.schedule_horizon_days)
-    if req.not_before is not None and req.not_before > horizon:
-        raise InvalidRequest(
-            f"not_before is more than {m.schedule_horizon_days} days ahead, past the schedule "
-            "horizon (maintenance.schedule_horizon_days)"
-        )
-    if req.not_after is not None:
-        if req.not_after <= utcnow():
-            raise InvalidRequest("not_after is already in the past")
-        if req.not_before is not None and req.not_after <= req.not_before:
-            raise InvalidRequest("not_after must be later than not_before")
+    check_window(req, now=utcnow() if now is None else now, horizon_days=m.schedule_horizon_days)
     return [rows[n] for n in req.hosts], budget
 
 
-def submit(session: Session, settings: Settings, req: JobRequest, *, actor: str) -> Job:
-    hosts, budget = validate(session, settings, req)
+def check_window(req: JobRequest, *, now: datetime, horizon_days: int) -> None:
+    """The job's time window must lie ahead of `now` and within the schedule horizon."""
+    if req.not_before is not None and req.not_before > now + timedelta(days=horizon_days):
+        raise InvalidRequest(
+            f"not_before is more than {horizon_days} days ahead, past the schedule "
+            "horizon (maintenance.schedule_horizon_days)"
+        )
+    if req.not_after is not None:
+        if req.not_after <= now:
+            raise InvalidRequest("not_after is already in the past")
+        if req.not_before is not None and req.not_after <= req.not_before:
+            raise InvalidRequest("not_after must be later than not_before")
+
+
+def submit(
+    session: Session,
+    settings: Settings,
+    req: JobRequest,
+    *,
+    actor: str,
+    now: datetime | None = None,
+) -> Job:
+    hosts, budget = validate(session, settings, req, now=now)
     job = Job(
         state=JobState.SCHEDULED.value,
         runbook=req.runbook,
@@ -106,6 +127,50 @@ def submit(session: Session, settings: Settings, req: JobRequest, *, actor: str)
 
 
 @dataclass(frozen=True)
+class Submission:
+    job: Job
+    replayed: bool  # an earlier request with the same Idempotency-Key created it
+
+
+def submit_once(
+    session: Session,
+    *,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    req: JobRequest,
+    actor: str,
+    idempotency_key: str | None,
+    payload: Mapping[str, Any],
+    now: datetime,
+) -> Submission:
+    """Submit and commit; a retry with the same Idempotency-Key and payload gets the original job.
+
+    `payload` is the request body as JSON values: a replay must carry the same one.
+    """
+    key = None if idempotency_key is None else idempotency.stored_key(idempotency_key)
+    if key is not None:
+        original = idempotency.claim_key(
+            session_factory=session_factory,
+            key=key,
+            request_hash=idempotency.request_digest(payload),
+            now=now,
+        )
+        if original is not None:
+            return Submission(get_job(session, original), replayed=True)
+    try:
+        job = submit(session, settings, req, actor=actor, now=now)
+        if key is not None:
+            idempotency.bind_key(session, key=key, job_id=job.id)
+        session.commit()
+    except Exception:
+        session.rollback()
+        if key is not None:
+            idempotency.release_key(session_factory=session_factory, key=key)
+        raise
+    return Submission(job, replayed=False)
+
+
+@dataclass(frozen=True)
 class PlannedGuest:
     host: str
     guest: str
@@ -123,10 +188,15 @@ class Plan:
 
 
 def plan(
-    session: Session, settings: Settings, hypervisors: HypervisorPool, req: JobRequest
+    session: Session,
+    settings: Settings,
+    hypervisors: HypervisorPool,
+    req: JobRequest,
+    *,
+    now: datetime | None = None,
 ) -> Plan:
     """What a job would do now, read live from libvirt; creates nothing."""
-    hosts, budget = validate(session, settings, req)
+    hosts, budget = validate(session, settings, req, now=now)
     ordered = host_order(hosts)
     guests: list[PlannedGuest] = []
     for host in ordered:
@@ -160,21 +230,16 @@ def list_jobs(
     host: str | None,
     limit: int,
     cursor: int | None,
-) -> tuple[list[Job], int | None]:
-    """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
-    query = select(Job).order_by(Job.id.desc())
+) -> Page[Job]:
+    """A page of jobs, newest first, with the cursor of the next page."""
+    query = select(Job)
     if state is not None:
         query = query.where(Job.state == state.value)
     if host is not None:
         query = query.where(
             select(JobHost.id).where(JobHost.job_id == Job.id, JobHost.host == host).exists()
         )
-    if cursor is not None:
-        query = query.where(Job.id < cursor)
-    page = list(session.scalars(query.limit(limit + 1)))
-    if len(page) > limit:
-        return page[:limit], page[limit - 1].id
-    return page, None
+    return newest_first(session, query, id_column=Job.id, limit=limit, cursor=cursor)
 
 
 def get_job(session: Session, job_id: int, *, lock: bool = False) -> Job:
@@ -183,6 +248,12 @@ def get_job(session: Session, job_id: int, *, lock: bool = False) -> Job:
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     return job
+
+
+def job_events(session: Session, job_id: int) -> list[Event]:
+    """Every event of one job, oldest first."""
+    get_job(session, job_id)
+    return list(session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
 
 
 def expiry_due(job: Job, now: datetime) -> bool:

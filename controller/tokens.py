@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -15,14 +16,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.db import limit_lock_wait, unit_of_work
-from controller.errors import InvalidRequest
+from controller.errors import Conflict, InvalidRequest, NotFound
 from controller.events import record_event
-from controller.models import ApiToken, utcnow
+from controller.models import ApiToken
 
 log = logging.getLogger(__name__)
 PREFIX = "mct_"
 # last_used_at is a hint for spotting unused tokens, not an audit trail: a minute is precise
-# enough, and it keeps reads from writing on every request.
+# enough, and it lets uses be noted in memory and written once a minute, never by the request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 LAST_USED_LOCK_WAIT_MS = 250
 
@@ -88,35 +89,78 @@ def last_use_due(principal: Principal, now: datetime) -> bool:
     return last is None or now - last >= LAST_USED_RESOLUTION
 
 
-def record_use(
-    *, session_factory: sessionmaker[Session], principal: Principal, now: datetime | None = None
-) -> bool:
-    """Stamp last_used_at at most once a minute, in its own short transaction, best effort.
+def list_tokens(session: Session) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
-    A locked, read-only or full database costs the stamp, never the request: the error is
-    logged and swallowed. Returns whether a row was written.
-    """
-    now = utcnow() if now is None else now
-    if not last_use_due(principal, now):
-        return False
-    stale = or_(
-        ApiToken.last_used_at.is_(None), ApiToken.last_used_at <= now - LAST_USED_RESOLUTION
-    )
-    try:
-        with unit_of_work(session_factory) as s:
-            limit_lock_wait(s, milliseconds=LAST_USED_LOCK_WAIT_MS)
-            written = s.scalar(
-                update(ApiToken)
-                .where(ApiToken.id == principal.token_id, stale)
-                .values(last_used_at=now)
-                .returning(ApiToken.id)
-                .execution_options(synchronize_session=False)
-            )
-    except SQLAlchemyError as exc:
-        log.warning(
-            "token %s: last_used_at not recorded, the request goes on: %s",
-            principal.name,
-            str(exc).splitlines()[0],
+
+def revoke_token(session: Session, *, token_id: int, revoker: Principal, now: datetime) -> None:
+    """Revoking twice is not an error; revoking the token making the request is: it would lock
+    its holder out."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFound(f"token {token_id} does not exist")
+    if row.id == revoker.token_id:
+        raise Conflict("a token cannot revoke itself: use another admin token")
+    if row.revoked_at is None:
+        row.revoked_at = now
+        record_event(
+            session, "token_revoked", f"token {row.name}", actor=revoker.name, token_id=row.id
         )
-        return False
-    return written is not None
+
+
+class TokenUses:
+    """Token uses seen by this process, written to last_used_at later by flush(), off the
+    request path: a read never writes, and a database that takes no writes costs only the stamp.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[str, datetime]] = {}
+
+    def note(self, principal: Principal, now: datetime) -> None:
+        if principal.token_id is None or not last_use_due(principal, now):
+            return
+        with self._lock:
+            self._pending[principal.token_id] = (principal.name, now)
+
+    def flush(self, *, session_factory: sessionmaker[Session]) -> int:
+        """Stamp every token used since the last flush, at most once a minute each, in one short
+        transaction, best effort: on failure the uses are kept for the next flush. Returns how
+        many rows were written."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return 0
+        written = 0
+        try:
+            with unit_of_work(session_factory) as s:
+                limit_lock_wait(s, milliseconds=LAST_USED_LOCK_WAIT_MS)
+                for token_id, (_, at) in sorted(pending.items()):
+                    stale = or_(
+                        ApiToken.last_used_at.is_(None),
+                        ApiToken.last_used_at <= at - LAST_USED_RESOLUTION,
+                    )
+                    stamped = s.scalar(
+                        update(ApiToken)
+                        .where(ApiToken.id == token_id, stale)
+                        .values(last_used_at=at)
+                        .returning(ApiToken.id)
+                        .execution_options(synchronize_session=False)
+                    )
+                    written += stamped is not None
+        except SQLAlchemyError as exc:
+            self._keep(pending)
+            log.warning(
+                "token(s) %s: last_used_at not recorded, kept for the next try: %s",
+                ", ".join(sorted(name for name, _ in pending.values())),
+                str(exc).splitlines()[0],
+            )
+            return 0
+        return written
+
+    def _keep(self, pending: dict[int, tuple[str, datetime]]) -> None:
+        with self._lock:
+            for token_id, (name, at) in pending.items():
+                newer = self._pending.get(token_id)
+                if newer is None or newer[1] < at:
+                    self._pending[token_id] = (name, at)

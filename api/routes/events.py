@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -15,17 +14,12 @@ from api.routes.jobs import event_public
 from api.schemas import MAX_ID, EventPublic
 from controller.db import unit_of_work
 from controller.engine import EngineContext
-from controller.models import Event
+from controller.event_log import events_after, stream_start
 from controller.tokens import Role
 
 router = APIRouter(prefix="/api/v1/events", tags=["events"])
 POLL_SECONDS = 0.25
 BATCH = 500
-
-
-def _after(session: SessionDep, after: int, limit: int) -> list[EventPublic]:
-    rows = session.scalars(select(Event).where(Event.id > after).order_by(Event.id).limit(limit))
-    return [event_public(e) for e in rows]
 
 
 @router.get("", response_model=list[EventPublic], **requires(Role.VIEWER))
@@ -35,12 +29,12 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[EventPublic]:
     """Events with an id greater than `after`, oldest first."""
-    return _after(session, after, limit)
+    return [event_public(e) for e in events_after(session, after=after, limit=limit)]
 
 
 def _fetch(ctx: EngineContext, after: int) -> list[EventPublic]:
     with unit_of_work(ctx.session_factory) as s:
-        return _after(s, after, BATCH)
+        return [event_public(e) for e in events_after(s, after=after, limit=BATCH)]
 
 
 @router.get(
@@ -56,9 +50,7 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events; each id is the event row id, so Last-Event-ID resumes without loss."""
-    start = after or 0
-    if last_event_id is not None and last_event_id.isdigit():
-        start = int(last_event_id)
+    start = stream_start(after=after, last_event_id=last_event_id)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         cursor = start

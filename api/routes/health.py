@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -19,11 +18,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
-from api.deps import CtxDep, requires
+from api.deps import CtxDep, HostPingsDep, SchedulerDep, requires
 from api.schemas import DiskFreeCheck, Health, HealthCheck, HealthChecks, LibvirtCheck
 from controller.db import is_database_outage, limit_lock_wait, unit_of_work
 from controller.engine import EngineContext
-from controller.errors import HypervisorError
+from controller.host_pings import HostPings
 from controller.models import HealthProbe, Host, utcnow
 
 log = logging.getLogger(__name__)
@@ -92,21 +91,8 @@ def _disk_free(url: URL) -> DiskFreeCheck:
     )
 
 
-def _libvirt(ctx: EngineContext, hosts: list[tuple[str, str]]) -> LibvirtCheck:
-    def ping(uri: str) -> str:
-        try:
-            ctx.hypervisors.get(uri).ping()
-            return "ok"
-        except HypervisorError as exc:
-            return f"unreachable: {exc}"
-
-    futures = {name: ctx.pool.submit(ping, uri) for name, uri in hosts}
-    status: dict[str, str] = {}
-    for name, future in futures.items():
-        try:
-            status[name] = future.result(timeout=PING_TIMEOUT_SECONDS)
-        except FutureTimeout:
-            status[name] = "unreachable: no answer in time"
+def _libvirt(pings: HostPings, hosts: list[tuple[str, str]]) -> LibvirtCheck:
+    status = pings.ping_all(hosts, timeout=PING_TIMEOUT_SECONDS)
     answering = sum(v == "ok" for v in status.values())
     return LibvirtCheck(
         ok=answering == len(status),
@@ -121,13 +107,15 @@ def _libvirt(ctx: EngineContext, hosts: list[tuple[str, str]]) -> LibvirtCheck:
     responses={503: {"model": Health, "description": "database_write or disk_free failed"}},
     **requires(None),
 )
-def healthz(ctx: CtxDep, response: Response) -> Health:
+def healthz(
+    ctx: CtxDep, scheduler: SchedulerDep, pings: HostPingsDep, response: Response
+) -> Health:
     """Checks that the database takes a write, its disk has room, and each host's libvirt answers."""
     database_write, hosts = _database_write(ctx)
     checks = HealthChecks(
         database_write=database_write,
         disk_free=_disk_free(_database_url(ctx)),
-        libvirt=_libvirt(ctx, hosts),
+        libvirt=_libvirt(pings, hosts),
     )
     writable = checks.database_write.ok and checks.disk_free.ok
     response.status_code = 200 if writable else 503
@@ -137,4 +125,6 @@ def healthz(ctx: CtxDep, response: Response) -> Health:
         hosts=checks.libvirt.hosts,
         checks=checks,
         outbox_backlog=ctx.outbox.backlog(),
+        runner=ctx.runner_id,
+        leader=scheduler.is_leader,
     )

@@ -1,15 +1,10 @@
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import AfterValidator
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from api.deps import CtxDep, PrincipalDep, SchedulerDep, SessionDep, SettingsDep, requires
 from api.schemas import (
@@ -20,19 +15,15 @@ from api.schemas import (
     PlanPublic,
 )
 from controller import jobs as job_service
-from controller.db import unit_of_work
-from controller.errors import Conflict, InvalidRequest
-from controller.models import Event, IdempotencyKey, Job, utcnow
+from controller.models import Event, Job, utcnow
 from controller.preflight import BusyGuestPolicy
 from controller.states import JobState
 from controller.tokens import Role
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
-IN_FLIGHT_TTL = timedelta(seconds=60)
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 # Printable ASCII, spaces only between other characters, at most 255 characters.
 IDEMPOTENCY_KEY = r"^[!-~](?:[ -~]{0,253}[!-~])?$"
-STORED_KEY_MAX = 128  # idempotency_keys.key; longer keys are stored by their digest
 
 
 def _printable_key(key: str | None) -> str | None:
@@ -52,12 +43,6 @@ IdempotencyHeader = Annotated[
     ),
     AfterValidator(_printable_key),
 ]
-
-
-def _stored_key(key: str) -> str:
-    if len(key) <= STORED_KEY_MAX:
-        return key
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def job_public(job: Job) -> JobPublic:
@@ -82,37 +67,6 @@ def _request(body: JobCreate) -> job_service.JobRequest:
     )
 
 
-def _claim_key(ctx: CtxDep, key: str, body_hash: str) -> int | None:
-    """Reserve the key (committed); returns the original job id on a replay."""
-    for _ in range(2):
-        with unit_of_work(ctx.session_factory) as s:
-            row = s.get(IdempotencyKey, key)
-            if row is None:
-                s.add(IdempotencyKey(key=key, request_hash=body_hash))
-                try:
-                    s.flush()
-                except IntegrityError:
-                    s.rollback()
-                    continue  # a concurrent request took it: look again
-                return None
-            if row.request_hash != body_hash:
-                raise InvalidRequest("this Idempotency-Key was used with a different request body")
-            if row.job_id is not None:
-                return row.job_id
-            if utcnow() - row.created_at < IN_FLIGHT_TTL:
-                raise Conflict("a request with this Idempotency-Key is still in progress")
-            row.created_at = utcnow()  # the first attempt died mid-way: take it over
-            return None
-    raise Conflict("a request with this Idempotency-Key is still in progress")
-
-
-def _release_key(ctx: CtxDep, key: str) -> None:
-    with unit_of_work(ctx.session_factory) as s:
-        row = s.get(IdempotencyKey, key)
-        if row is not None and row.job_id is None:
-            s.delete(row)
-
-
 @router.post(
     "",
     status_code=201,
@@ -131,34 +85,26 @@ def create_job(
     idempotency_key: IdempotencyHeader = None,
 ) -> JobPublic | PlanPublic:
     """Submit a maintenance job, or with dry_run see its plan without creating anything."""
-    req = _request(body)
-    key = None if idempotency_key is None else _stored_key(idempotency_key)
     if body.dry_run:
         response.status_code = 200
-        plan = job_service.plan(session, settings, ctx.hypervisors, req)
+        plan = job_service.plan(session, settings, ctx.hypervisors, _request(body), now=utcnow())
         return PlanPublic.model_validate(plan)
-    if key is not None:
-        body_hash = hashlib.sha256(
-            json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
-        ).hexdigest()
-        original = _claim_key(ctx, key, body_hash)
-        if original is not None:
-            response.headers["Idempotent-Replayed"] = "true"
-            return job_public(job_service.get_job(session, original))
-    try:
-        job = job_service.submit(session, settings, req, actor=who.name)
-        if key is not None:
-            key_row = session.get_one(IdempotencyKey, key)
-            key_row.job_id = job.id
-        session.commit()
-    except Exception:
-        session.rollback()
-        if key is not None:
-            _release_key(ctx, key)
-        raise
-    scheduler.arm(job.id, job.not_before)
-    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
-    return job_public(job)
+    submitted = job_service.submit_once(
+        session,
+        session_factory=ctx.session_factory,
+        settings=settings,
+        req=_request(body),
+        actor=who.name,
+        idempotency_key=idempotency_key,
+        payload=body.model_dump(mode="json"),
+        now=utcnow(),
+    )
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        scheduler.arm(submitted.job.id, submitted.job.not_before)
+        response.headers["Location"] = f"/api/v1/jobs/{submitted.job.id}"
+    return job_public(submitted.job)
 
 
 @router.get("", response_model=list[JobPublic], **requires(Role.VIEWER))
@@ -174,14 +120,15 @@ def list_jobs(
     ] = None,
 ) -> list[JobPublic]:
     """Jobs, newest first; the next page is in the Link header (rel="next")."""
-    page, next_cursor = job_service.list_jobs(
-        session, state=state, host=host, limit=limit, cursor=cursor
-    )
-    if next_cursor is not None:
-        params = dict(request.query_params) | {"cursor": str(next_cursor)}
-        url = request.url.replace_query_params(**params)
-        response.headers["Link"] = f'<{url}>; rel="next"'
-    return [job_public(j) for j in page]
+    page = job_service.list_jobs(session, state=state, host=host, limit=limit, cursor=cursor)
+    if page.next_cursor is not None:
+        response.headers["Link"] = _next_link(request, page.next_cursor)
+    return [job_public(j) for j in page.items]
+
+
+def _next_link(request: Request, cursor: int) -> str:
+    url = request.url.replace_query_params(**(dict(request.query_params) | {"cursor": str(cursor)}))
+    return f'<{url}>; rel="next"'
 
 
 @router.get("/{job_id}", response_model=JobPublic, **requires(Role.VIEWER))
@@ -215,6 +162,4 @@ def abort_job(
 @router.get("/{job_id}/events", response_model=list[EventPublic], **requires(Role.VIEWER))
 def job_events(job_id: JobId, session: SessionDep) -> list[EventPublic]:
     """Every event of one job, oldest first."""
-    job_service.get_job(session, job_id)
-    rows = session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))
-    return [event_public(e) for e in rows]
+    return [event_public(e) for e in job_service.job_events(session, job_id)]

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from api.app import create_app
 from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.engine import EngineContext
 from controller.hypervisor import HypervisorPool
 from controller.libvirt_host import LibvirtHost
+from controller.models import ApiToken
 from controller.tokens import Role, create_token
 from tests.conftest import TEST_URI, make_settings, start_test_domains, with_database
 
@@ -104,3 +106,8 @@ def assert_database_unavailable(r) -> None:
 
 def engine_of(api: Api):
     return api.ctx.session_factory.kw["bind"]
+
+
+def last_used(api: Api, name: str):
+    with unit_of_work(api.ctx.session_factory) as s:
+        return s.scalars(select(ApiToken.last_used_at).where(ApiToken.name == name)).one()

@@ -35,6 +35,16 @@ def test_healthz_reports_database_and_hosts_without_auth(api):
     assert body["outbox_backlog"] == 0
 
 
+def test_healthz_pings_on_threads_of_its_own(api, monkeypatch):
+    class GuestPoolInUse:
+        def submit(self, *_args, **_kw):
+            raise AssertionError("/healthz took a thread of the guest-operation pool")
+
+    monkeypatch.setattr(api.ctx, "pool", GuestPoolInUse())
+    r = api.client.get("/healthz")
+    assert r.status_code == 200 and r.json()["hosts"] == {"h1": "ok"}
+
+
 def test_healthz_names_an_unreachable_host(api):
     api.post(
         "/api/v1/hosts",
