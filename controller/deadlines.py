@@ -21,8 +21,47 @@ from controller.errors import CallTimedOut
 T = TypeVar("T")
 
 
+class _Threads:
+    """Daemon threads that wait for work once their call is done, so a burst of calls (eight
+    resumes at once) reuses threads instead of starting one per call: starting a thread waits for
+    it to run, which costs milliseconds per call under load, inside the pause window. A call
+    that never returns keeps its thread; the next call finds another idle one or starts one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[tuple[threading.Event, list[Callable[[], None]]]] = []
+
+    def run(self, work: Callable[[], None], name: str) -> None:
+        with self._lock:
+            if self._idle:
+                wake, slot = self._idle.pop()
+                slot.append(work)
+                wake.set()
+                return
+        threading.Thread(target=self._loop, args=(work,), name=name, daemon=True).start()
+
+    def _loop(self, work: Callable[[], None]) -> None:
+        wake, slot = threading.Event(), list[Callable[[], None]]()
+        while True:
+            work()
+            wake.clear()
+            with self._lock:
+                self._idle.append((wake, slot))
+            if not wake.wait(IDLE_THREAD_SECONDS):
+                with self._lock:
+                    if (wake, slot) in self._idle:
+                        self._idle.remove((wake, slot))
+                        return
+                wake.wait()  # handed work just as it timed out
+            work = slot.pop()
+
+
+IDLE_THREAD_SECONDS = 60.0
+_threads = _Threads()
+
+
 def start_call(fn: Callable[[], T], name: str = "call") -> Future[T]:
-    """Run fn on a new daemon thread; the future holds its result or exception."""
+    """Run fn on a daemon thread of its own (an idle one if any); the future holds its result."""
     future: Future[T] = Future()
 
     def run() -> None:
@@ -33,8 +72,13 @@ def start_call(fn: Callable[[], T], name: str = "call") -> Future[T]:
         except BaseException as exc:  # handed to whoever waits; nothing escapes the thread
             future.set_exception(exc)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    _threads.run(run, name)
     return future
+
+
+def run_on_thread(work: Callable[[], None], name: str) -> None:
+    """Run work on a daemon thread of its own (an idle one if any), without waiting for it."""
+    _threads.run(work, name)
 
 
 def call_with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:

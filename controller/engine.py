@@ -233,6 +233,9 @@ class HostCycle:
         self.resume_started = 0.0
         self.paused_at: dict[str, datetime] = {}  # confirmed pauses only
         self.tasks: dict[str, ResumeTask] = {}
+        self._unsettled = 0
+        self._settle_lock = threading.Lock()
+        self._all_settled = threading.Event()
         self.pause_ms: dict[str, float] = {}
         self._verify_lock = threading.Lock()
         self.guardian: Guardian | None = None
@@ -371,6 +374,9 @@ class HostCycle:
 
     def _resume_all(self, hv: Hypervisor, guests: list[GuestInfo]) -> None:
         self.resume_started = time.monotonic()
+        self._unsettled = len(guests)
+        if not guests:
+            self._all_settled.set()
         for guest in guests:
             self.tasks[guest.uuid] = self.ctx.resumer.resume(
                 hv, guest.uuid, guest.name, then=self._after_resume, fence=self.keeper.taken_over
@@ -381,6 +387,10 @@ class HostCycle:
     def _after_resume(self, task: ResumeTask) -> ClockSync | None:
         settled = task.settled
         assert settled is not None
+        with self._settle_lock:
+            self._unsettled -= 1
+            if self._unsettled <= 0:
+                self._all_settled.set()
         resumed_at = self.wall.at(settled.mono)
         paused_at = self.paused_at.get(task.uuid)
         by_guardian = None
@@ -395,6 +405,15 @@ class HostCycle:
         if ms is not None:
             self.pause_ms[task.uuid] = ms
         self.record.resumed(task, settled, resumed_at, ms, by_guardian=by_guardian is not None)
+        # Agent calls go through the same libvirtd: syncing while other guests still wait for
+        # their resume would lengthen their pause. Sync once all are settled (or at the call
+        # timeout, when the slow ones are resume_pending).
+        self._all_settled.wait(
+            max(
+                0.0,
+                self.resume_started + self.settings.libvirt_call_timeout_seconds - time.monotonic(),
+            )
+        )
         return self._sync(task)
 
     def _sync(self, task: ResumeTask) -> ClockSync:

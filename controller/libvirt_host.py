@@ -102,6 +102,7 @@ class LibvirtHost:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._state_changes = SerialCalls()
+        self._domains: dict[str, tuple[libvirt.virConnect, libvirt.virDomain]] = {}
 
     def _connection(self) -> libvirt.virConnect:
         with self._lock:
@@ -122,8 +123,18 @@ class LibvirtHost:
             return self._conn
 
     def _domain(self, uuid: str) -> libvirt.virDomain:
+        """The guest's handle, looked up once per connection: every later call on it is one
+        round trip instead of two (libvirt resolves a handle by its UUID on each call)."""
+        conn = self._connection()
+        with self._lock:
+            cached = self._domains.get(uuid)
+        if cached is not None and cached[0] is conn:
+            return cached[1]
         with _libvirt_errors(f"guest {uuid} on {self.uri}"):
-            return self._connection().lookupByUUIDString(uuid)
+            dom = conn.lookupByUUIDString(uuid)
+        with self._lock:
+            self._domains[uuid] = (conn, dom)
+        return dom
 
     def _bounded(self, what: str, fn: Callable[[], T]) -> T:
         return call_with_deadline(fn, self.call_timeout, f"{what} on {self.uri}")

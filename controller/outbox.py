@@ -213,6 +213,7 @@ class Outbox:
         self._journal = journal
         self._retry = retry_seconds
         self._queue: deque[Batch] = deque()
+        self._submitted = self._done = 0
         self._cond = threading.Condition()
         self._closed = False
         self.last_error: str | None = None
@@ -228,6 +229,7 @@ class Outbox:
         batch = Batch(tuple(ops))
         with self._cond:
             self._queue.append(batch)
+            self._submitted += 1
             if self.last_error is not None:
                 self._journal_queued()  # the database is away: make it durable now
             self._cond.notify_all()
@@ -236,6 +238,12 @@ class Outbox:
     def backlog(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    def progress(self) -> tuple[int, int]:
+        """(batches submitted, batches done) so far: a reader that saw the same pair before and
+        after reading the database, with nothing queued, read a picture no record was changing."""
+        with self._cond:
+            return self._submitted, self._done
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written; False on timeout."""
@@ -276,6 +284,7 @@ class Outbox:
                     continue
             with self._cond:
                 self._queue.popleft()
+                self._done += 1
                 batch.applied.set()
                 if not self._queue:
                     if self.last_error is not None:

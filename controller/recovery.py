@@ -32,6 +32,7 @@ from controller.states import ACTIVE, JobState, is_terminal
 
 log = logging.getLogger(__name__)
 _reconcile_lock = threading.Lock()
+RECHECK_DRAIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class OpenIntent:
     host_uri: str
     guest: str
     uuid: str
-    paused_at: datetime | None  # from the job's guest record, if the pause was recorded
+    # From the job's guest record; if the pause was never recorded (the controller died first),
+    # the intent's creation, committed just before the suspend call: an upper bound, like pause_ms.
+    paused_at: datetime | None
     sync_clock: bool
 
 
@@ -132,7 +135,7 @@ def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
                 i.host_uri,
                 i.guest,
                 i.guest_uuid,
-                paused_at,
+                paused_at or i.created_at,  # killed before the pause was recorded: an upper bound
                 True if sync_clock is None else sync_clock,
             )
             for i, job, paused_at, sync_clock in rows
@@ -169,7 +172,12 @@ class _Recovery:
                 verify_lock=threading.Lock(),
             )
             ms = None if i.paused_at is None else pause_ms(i.paused_at, settled.wall)
-            values = {"resumed_at": settled.wall, "pause_ms": ms, "status": "resumed"}
+            values = {
+                "paused_at": i.paused_at,
+                "resumed_at": settled.wall,
+                "pause_ms": ms,
+                "status": "resumed",
+            }
             values |= {
                 "clock_skew_ms": sync.skew_ms,
                 "sync_method": sync.method.value,
@@ -229,9 +237,14 @@ def reconcile(*, ctx: EngineContext) -> list[ResumeTask]:
     """
     with _reconcile_lock:
         _take_over_expired(ctx)
+        seen = ctx.outbox.progress()
         intents, stale_jobs = _orphans(ctx)
-        if ctx.outbox.backlog():
-            return []  # records still on their way would change the picture: next pass
+        if ctx.outbox.backlog() or ctx.outbox.progress() != seen:
+            # Records on their way, or written while we read, change the picture: read again
+            # once they are in (a busy outbox must not starve reconciliation), else next pass.
+            if not ctx.outbox.drain(timeout=RECHECK_DRAIN_SECONDS):
+                return []
+            intents, stale_jobs = _orphans(ctx)
         tasks = []
         for intent in intents:
             if ctx.resumer.holds(intent.host_uri, intent.uuid):

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from controller.deadlines import run_on_thread
 from controller.errors import GuestNotFound, HypervisorError
 from controller.hypervisor import OUR_PAUSE_REASONS, GuestState, Hypervisor
 
@@ -192,13 +193,7 @@ class Resumer:
                 return self._tasks[key]
             task = ResumeTask(hv.uri, uuid, name)
             self._tasks[key] = task
-        thread = threading.Thread(
-            target=self._run,
-            args=(hv, task, then, fence),
-            name=f"resume-{name}"[:40],
-            daemon=True,
-        )
-        thread.start()
+        run_on_thread(lambda: self._run(hv, task, then, fence), f"resume-{name}"[:40])
         return task
 
     def _run(

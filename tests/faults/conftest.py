@@ -130,6 +130,7 @@ class Bed:
             job_id,
             lambda r: (
                 r.job["state"] in TERMINAL
+                and set(self.names) <= set(r.guests)  # a guest's row may come with its recovery
                 and all(
                     g["status"] == "flagged" or (g["status"] == "resumed" and g["sync_outcome"])
                     for g in r.guests.values()
