@@ -21,7 +21,7 @@ from controller.clock import ClockSync
 from controller.db import is_database_outage, unit_of_work
 from controller.errors import HypervisorError, MaintctlError
 from controller.guardian import Guardian
-from controller.guest_ops import PauseResult, WallClock, fan_out, pause_ms, pause_one, sync_one
+from controller.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
 from controller.hypervisor import GuestInfo, Hypervisor
 from controller.lease import LeaseKeeper
 from controller.lifecycle import Lease, claim_item
@@ -401,10 +401,11 @@ class HostCycle:
         if settled.kind is not SettleKind.RUNNING:
             self.record.not_resumed(task, settled, resumed_at)
             return None
-        ms = None if paused_at is None else pause_ms(paused_at, resumed_at)
+        ms = self.record.resumed(
+            task, settled, paused_at, resumed_at, by_guardian=by_guardian is not None
+        )
         if ms is not None:
             self.pause_ms[task.uuid] = ms
-        self.record.resumed(task, settled, resumed_at, ms, by_guardian=by_guardian is not None)
         # Agent calls go through the same libvirtd: syncing while other guests still wait for
         # their resume would lengthen their pause. Sync once all are settled (or at the call
         # timeout, when the slow ones are resume_pending).

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from controller.clock import ClockSync
 from controller.db import unit_of_work
 from controller.events import record_event
-from controller.guest_ops import PauseResult, WallClock
+from controller.guest_ops import PauseResult, WallClock, pause_ms
 from controller.hypervisor import GuestInfo
 from controller.inventory import record_guest_states
 from controller.lifecycle import Lease
@@ -233,19 +233,20 @@ class HostRecorder:
         self,
         task: ResumeTask,
         settled: Settled,
+        paused_at: datetime | None,
         resumed_at: datetime,
-        ms: float | None,
         *,
         by_guardian: bool,
-    ) -> None:
+    ) -> float | None:
+        """Record the resume; returns the guest's pause_ms (None if its pause is unconfirmed)."""
+        values = resumed_values(paused_at, resumed_at)
+        ms: float | None = values["pause_ms"]
         said = f"resumed after {ms} ms" if ms is not None else "running (pause unconfirmed)"
         if by_guardian:
             said += " by the guardian"
         self.outbox.submit(
             ResolveIntent(self.job_id, task.uuid, "resumed", resumed_at),
-            self._guest_update(
-                task, resumed_at=resumed_at, pause_ms=ms, status="resumed", flagged=None
-            ),
+            self._guest_update(task, **values),
             self._add_event(
                 "guest_resumed",
                 f"{task.name} {said}{_late(task)}",
@@ -257,6 +258,7 @@ class HostRecorder:
                 late=task.was_pending,
             ),
         )
+        return ms
 
     def not_resumed(self, task: ResumeTask, settled: Settled, at: datetime) -> None:
         """Left paused for a reason not ours, shut off, or gone: flagged and left as it is."""
@@ -275,12 +277,7 @@ class HostRecorder:
     def clock_synced(self, task: ResumeTask, c: ClockSync) -> None:
         skew = "" if c.skew_ms is None else f", skew {c.skew_ms:+.3f} ms"
         self.outbox.submit(
-            self._guest_update(
-                task,
-                clock_skew_ms=c.skew_ms,
-                sync_method=c.method.value,
-                sync_outcome=c.outcome.value,
-            ),
+            self._guest_update(task, **synced_values(c)),
             self._add_event(
                 "clock_synced" if not c.is_warning else "clock_sync_failed",
                 f"{task.name}: {c.outcome.value} via {c.method.value}{skew}",
@@ -297,6 +294,78 @@ class HostRecorder:
         self.outbox.submit(
             self._add_event("budget_exceeded", exceeded.message, guests=exceeded.guests)
         )
+
+
+# --- one guest's outcome: the same values and pause_ms for the engine and for recovery --------
+
+
+def resumed_values(paused_at: datetime | None, resumed_at: datetime) -> dict[str, Any]:
+    """A resumed guest's row; pause_ms is computed here and only here."""
+    ms = None if paused_at is None else pause_ms(paused_at, resumed_at)
+    return {
+        "paused_at": paused_at,
+        "resumed_at": resumed_at,
+        "pause_ms": ms,
+        "status": "resumed",
+        "flagged": None,
+    }
+
+
+def synced_values(c: ClockSync) -> dict[str, Any]:
+    return {
+        "clock_skew_ms": c.skew_ms,
+        "sync_method": c.method.value,
+        "sync_outcome": c.outcome.value,
+    }
+
+
+def record_recovered(
+    outbox: Outbox,
+    *,
+    job_id: int,
+    host: str,
+    guest: str,
+    uuid: str,
+    intent_id: int,
+    paused_at: datetime | None,
+    settled: Settled,
+    sync: ClockSync | None,
+) -> None:
+    """Reconciliation's record of one guest it settled: resume and clock sync in one batch, so
+    the intent's conditional resolution makes the whole record happen exactly once."""
+    values: dict[str, Any]
+    if settled.kind is SettleKind.RUNNING:
+        assert sync is not None
+        values = resumed_values(paused_at, settled.wall) | synced_values(sync)
+        resolution, kind = "recovered", "guest_recovered"
+        note = "resumed" if settled.we_resumed else settled.note
+    elif settled.kind is SettleKind.GONE:
+        values = {"flagged": settled.note, "status": "flagged"}
+        resolution, kind, note = "gone", "intent_resolved", settled.note
+    else:
+        note = f"left as it is: {settled.note}"
+        values = {"flagged": note[:255], "status": "flagged"}
+        resolution, kind = "left_alone", "guest_left_paused"
+    outbox.submit(
+        ResolveIntent(job_id, uuid, resolution, settled.wall, intent_id=intent_id),
+        UpdateGuest(job_id, host, guest, uuid, values),
+        AddEvent(
+            kind,
+            f"{guest}: {note}",
+            utcnow(),
+            job_id,
+            host,
+            guest,
+            actor="reconciler",
+            details={
+                "resolution": resolution,
+                "sync_outcome": None if sync is None else sync.outcome.value,
+                "skew_ms": None if sync is None else sync.skew_ms,
+                "attempts": settled.attempts,
+                "pause_ms": values.get("pause_ms"),
+            },
+        ),
+    )
 
 
 # --- the job's records around its host cycles ----------------------------------------------------

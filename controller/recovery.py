@@ -22,10 +22,10 @@ from controller.clock import ClockSync
 from controller.db import unit_of_work
 from controller.engine import EngineContext
 from controller.events import record_event
-from controller.guest_ops import pause_ms, sync_one
+from controller.guest_ops import sync_one
 from controller.lifecycle import HELD, take_over, transition
 from controller.models import Host, Job, JobGuest, JobHost, PauseIntent, utcnow
-from controller.outbox import AddEvent, ResolveIntent, UpdateGuest
+from controller.recording import record_recovered
 from controller.resumption import ResumeTask, SettleKind
 from controller.runners import runner_alive, runner_dead_here
 from controller.states import ACTIVE, JobState, is_terminal
@@ -160,7 +160,6 @@ class _Recovery:
         i, settled = self.intent, task.settled
         assert settled is not None
         sync: ClockSync | None = None
-        values: dict[str, object]
         if settled.kind is SettleKind.RUNNING:
             m = self.ctx.settings.maintenance
             sync = sync_one(
@@ -171,45 +170,16 @@ class _Recovery:
                 retry_seconds=m.clock_sync_retry_seconds,
                 verify_lock=threading.Lock(),
             )
-            ms = None if i.paused_at is None else pause_ms(i.paused_at, settled.wall)
-            values = {
-                "paused_at": i.paused_at,
-                "resumed_at": settled.wall,
-                "pause_ms": ms,
-                "status": "resumed",
-            }
-            values |= {
-                "clock_skew_ms": sync.skew_ms,
-                "sync_method": sync.method.value,
-                "sync_outcome": sync.outcome.value,
-            }
-            resolution, kind = "recovered", "guest_recovered"
-            note = "resumed" if settled.we_resumed else settled.note
-        elif settled.kind is SettleKind.GONE:
-            values = {"flagged": settled.note, "status": "flagged"}
-            resolution, kind, note = "gone", "intent_resolved", settled.note
-        else:
-            note = f"left as it is: {settled.note}"
-            values = {"flagged": note[:255], "status": "flagged"}
-            resolution, kind = "left_alone", "guest_left_paused"
-        self.ctx.outbox.submit(
-            ResolveIntent(i.job_id, i.uuid, resolution, settled.wall, intent_id=i.id),
-            UpdateGuest(i.job_id, i.host, i.guest, i.uuid, values),
-            AddEvent(
-                kind,
-                f"{i.guest}: {note}",
-                utcnow(),
-                i.job_id,
-                i.host,
-                i.guest,
-                actor="reconciler",
-                details={
-                    "resolution": resolution,
-                    "sync_outcome": None if sync is None else sync.outcome.value,
-                    "skew_ms": None if sync is None else sync.skew_ms,
-                    "attempts": settled.attempts,
-                },
-            ),
+        record_recovered(
+            self.ctx.outbox,
+            job_id=i.job_id,
+            host=i.host,
+            guest=i.guest,
+            uuid=i.uuid,
+            intent_id=i.id,
+            paused_at=i.paused_at,
+            settled=settled,
+            sync=sync,
         )
         return sync
 
