@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -181,6 +182,12 @@ class _Recovery:
             settled=settled,
             sync=sync,
         )
+        # Its job may be ready to end now (it waited for its guests' records): look again
+        # rather than at the next interval. A failure here is the next interval's to retry.
+        try:
+            reconcile(ctx=self.ctx)
+        except Exception as exc:
+            log.info("reconciliation after recovering %s deferred: %s", i.guest, exc)
         return sync
 
 
@@ -215,13 +222,20 @@ def reconcile(*, ctx: EngineContext) -> list[ResumeTask]:
             if not ctx.outbox.drain(timeout=RECHECK_DRAIN_SECONDS):
                 return []
             intents, stale_jobs = _orphans(ctx)
-        tasks = []
+        tasks, recovering = [], set()
         for intent in intents:
-            if ctx.resumer.holds(intent.host_uri, intent.uuid):
-                continue  # already in hand (a late resume of a job of this process)
-            hv = ctx.hypervisors.get(intent.host_uri)
-            tasks.append(
-                ctx.resumer.resume(hv, intent.uuid, intent.guest, then=_Recovery(ctx, intent))
-            )
-        _interrupt(ctx, set(stale_jobs))
+            task = ctx.resumer.task(intent.host_uri, intent.uuid)
+            if task is None:
+                hv = ctx.hypervisors.get(intent.host_uri)
+                task = ctx.resumer.resume(
+                    hv, intent.uuid, intent.guest, then=_Recovery(ctx, intent)
+                )
+                tasks.append(task)
+            # else already in hand (a late resume of a job of this process, or of a past pass)
+            if time.monotonic() - task.started < ctx.settings.maintenance.pause_budget_cap_seconds:
+                recovering.add(intent.job_id)
+        # A job ends once its guests are recorded, so whoever sees it interrupted reads them all;
+        # a guest that does not settle within the budget cap does not hold its job longer (its
+        # late record follows, as for the engine's pending guests).
+        _interrupt(ctx, set(stale_jobs) - recovering)
         return tasks

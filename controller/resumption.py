@@ -226,8 +226,12 @@ class Resumer:
                 self._tasks.pop((task.uri, task.uuid), None)
 
     def holds(self, uri: str, uuid: str) -> bool:
+        return self.task(uri, uuid) is not None
+
+    def task(self, uri: str, uuid: str) -> ResumeTask | None:
+        """The task in hand for this guest (resuming, or recording what it settled to)."""
         with self._lock:
-            return (uri, uuid) in self._tasks
+            return self._tasks.get((uri, uuid))
 
     def tasks(self) -> list[ResumeTask]:
         with self._lock:
