@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CursorResult, exists, func, select, update
+from sqlalchemy import CursorResult, case, exists, func, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
 from controller.events import record_event
@@ -91,6 +91,23 @@ def _host_free(host: str, job_id: int) -> Any:
     )
 
 
+def _start_time(host: str, job_id: int, now: datetime) -> Any:
+    """`now`, or the end of the host's previous item if that is later.
+
+    `now` is read before the claim waits for the host's row lock, and the previous holder may
+    finish during that wait: its end, read by the same statement that found the host free, is
+    the earliest this item can honestly have started. Two items of one host never overlap.
+    """
+    other = aliased(JobHost)
+    last_end = (
+        select(func.max(other.finished_at))
+        .where(other.host == host, other.job_id != job_id)
+        .scalar_subquery()
+    )
+    at = literal(now, JobHost.__table__.c.started_at.type)
+    return case((last_end > at, last_end), else_=at)
+
+
 def claim_item(
     session: Session, job_id: int, host: str, owner: str, lease_seconds: float, now: datetime
 ) -> Lease | None:
@@ -115,7 +132,7 @@ def claim_item(
             owner=owner,
             epoch=JobHost.epoch + 1,
             lease_expires_at=expires,
-            started_at=func.coalesce(JobHost.started_at, now),
+            started_at=func.coalesce(JobHost.started_at, _start_time(host, job_id, now)),
         )
         .returning(JobHost.id, JobHost.epoch)
     ).one_or_none()
@@ -140,7 +157,11 @@ def start_notice(session: Session, job_id: int, host: str, until: datetime, now:
             JobHost.state == ItemState.PENDING.value,
             _host_free(host, job_id),
         )
-        .values(state=ItemState.NOTIFYING.value, notice_until=until, started_at=now)
+        .values(
+            state=ItemState.NOTIFYING.value,
+            notice_until=until,
+            started_at=_start_time(host, job_id, now),
+        )
     )
     return result.rowcount == 1
 

@@ -97,6 +97,33 @@ def test_a_held_host_is_busy_for_other_jobs_until_its_item_ends(db_url):
         assert claim_item(s, second, "h1", "b", LEASE, now) is not None
 
 
+def test_an_item_never_starts_before_the_previous_item_of_its_host_ended(db_url):
+    """A claim whose `now` was read before the previous holder finished (it waited for the host
+    lock meanwhile) starts at that holder's end, not before: spans of one host never overlap."""
+    h = _harness(db_url)
+    first, second, third = (_submit(h, ("h1",)) for _ in range(3))
+    now = utcnow()
+    ended = now + timedelta(seconds=3)
+    with unit_of_work(h.session_factory) as s:
+        lease = claim_item(s, first, "h1", "a", LEASE, now)
+    assert lease is not None
+    with unit_of_work(h.session_factory) as s:
+        assert finish_item(s, lease, ItemState.DONE, outcome=None, detail=None, at=ended)
+    with unit_of_work(h.session_factory) as s:
+        lease = claim_item(s, second, "h1", "b", LEASE, now + timedelta(seconds=1))
+    assert lease is not None
+    with unit_of_work(h.session_factory) as s:
+        assert finish_item(s, lease, ItemState.DONE, outcome=None, detail=None, at=ended)
+    later = ended + timedelta(seconds=1)
+    with unit_of_work(h.session_factory) as s:
+        assert claim_item(s, third, "h1", "c", LEASE, later) is not None
+    with unit_of_work(h.session_factory) as s:
+        started = {
+            i.job_id: i.started_at for i in s.scalars(select(JobHost).where(JobHost.host == "h1"))
+        }
+    assert started == {first: now, second: ended, third: later}  # a later `now` is kept
+
+
 def test_a_taken_over_lease_matches_nothing_any_more(db_url):
     h = _harness(db_url)
     job_id = _submit(h, ("h1",))
