@@ -17,14 +17,14 @@ from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
 from api.routes import events, health, hosts, jobs, runbooks, tokens
-from controller.db import make_engine, make_session_factory, unit_of_work
 from controller.engine import EngineContext
-from controller.host_pings import HostPings
-from controller.hypervisor import HypervisorPool
-from controller.inventory import sync_config_hosts
-from controller.scheduler import MaintenanceScheduler
+from controller.hosts.host_pings import HostPings
+from controller.hosts.hypervisor import HypervisorPool
+from controller.services.inventory import sync_config_hosts
+from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
 from controller.settings import Settings
-from controller.tokens import LAST_USED_RESOLUTION, TokenUses
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.work.scheduler import MaintenanceScheduler
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def create_app(
     settings: Settings, *, ctx: EngineContext | None = None, run_scheduler: bool = True
 ) -> FastAPI:
     if ctx is None:
-        from controller.libvirt_host import LibvirtHost
+        from controller.hosts.libvirt_host import LibvirtHost
 
         engine = make_engine(settings.database.url)
         timeout = settings.maintenance.libvirt_call_timeout_seconds

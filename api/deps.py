@@ -14,13 +14,13 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from controller.db import unit_of_work
 from controller.engine import EngineContext
-from controller.host_pings import HostPings
-from controller.models import utcnow
-from controller.scheduler import MaintenanceScheduler
+from controller.hosts.host_pings import HostPings
+from controller.services.tokens import Principal, Role, TokenUses, authenticate
 from controller.settings import Settings
-from controller.tokens import Principal, Role, TokenUses, authenticate
+from controller.store.db import unit_of_work
+from controller.store.models import utcnow
+from controller.work.scheduler import MaintenanceScheduler
 
 ROLE_KEY = "x-required-role"
 PUBLIC = "none"

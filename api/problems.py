@@ -13,7 +13,6 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.db import is_database_outage
 from controller.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -23,6 +22,7 @@ from controller.errors import (
     MaintctlError,
     NotFound,
 )
+from controller.store.db import is_database_outage
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"

@@ -15,8 +15,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from controller.services.tokens import Role
 from controller.settings import NAME_PATTERN
-from controller.tokens import Role
 
 
 def _rfc3339(value: datetime) -> str:

@@ -28,15 +28,15 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from controller import jobs
-from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.engine import EngineContext
-from controller.hypervisor import HypervisorPool
-from controller.inventory import sync_config_hosts
-from controller.libvirt_host import LibvirtHost
-from controller.models import Event, Job
-from controller.scheduler import MaintenanceScheduler
+from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.libvirt_host import LibvirtHost
+from controller.services import jobs
+from controller.services.inventory import sync_config_hosts
 from controller.settings import Settings
+from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
+from controller.store.models import Event, Job
+from controller.work.scheduler import MaintenanceScheduler
 from tests.testbed import SYSTEM_URI, TestBed
 
 RUNBOOKS = {"noop": ["true"], "sleep2": ["sleep", "2"]}

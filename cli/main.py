@@ -15,8 +15,8 @@ import typer
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from controller.errors import MaintctlError
+from controller.services.tokens import Role
 from controller.settings import Settings, load_settings
-from controller.tokens import Role
 
 app = typer.Typer(
     help="Memory-preserving host maintenance for libvirt/KVM.",
@@ -86,7 +86,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
-    from controller.db import upgrade
+    from controller.store.db import upgrade
 
     settings = _settings(config)
     logging.basicConfig(
@@ -109,7 +109,7 @@ def serve(
 @readable_errors
 def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
     """Apply migrations up to REVISION (default: head)."""
-    from controller.db import upgrade
+    from controller.store.db import upgrade
 
     upgrade(_settings(config).database.url, revision)
     typer.echo(f"database is at {revision}")
@@ -119,7 +119,7 @@ def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
 @readable_errors
 def db_downgrade(revision: str, config: ConfigOpt = None) -> None:
     """Revert migrations down to REVISION (base removes everything)."""
-    from controller.db import downgrade
+    from controller.store.db import downgrade
 
     downgrade(_settings(config).database.url, revision)
     typer.echo(f"database is at {revision}")
@@ -133,8 +133,8 @@ def token_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create an API token; the token alone is the last line of stdout, shown once."""
-    from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
-    from controller.tokens import create_token
+    from controller.services.tokens import create_token
+    from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
 
     settings = _settings(config)
     upgrade(settings.database.url)  # like serve: a first token needs no separate step

@@ -17,35 +17,23 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from controller.clock import ClockSync
-from controller.db import is_database_outage, unit_of_work
-from controller.errors import HypervisorError, MaintctlError
-from controller.guardian import Guardian
-from controller.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
-from controller.hypervisor import GuestInfo, Hypervisor
-from controller.lease import LeaseKeeper
-from controller.lifecycle import Lease, claim_item
-from controller.models import Host, Job, utcnow
-from controller.preflight import admit, classify_guests
-from controller.recording import HostRecorder, item_finished, job_finished, record_host_waiting
-from controller.resumption import ResumeTask, SettleKind, wait_all
-from controller.rollout import host_order
-from controller.runbooks import (
-    RunbookOutcome,
-    RunbookProcess,
-    RunbookResult,
-    build_argv,
-    resolve_program,
-    runbook_env,
+from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
+from controller.cycle.recording import (
+    HostRecorder,
+    item_finished,
+    job_finished,
+    record_host_waiting,
 )
+from controller.cycle.resumption import ResumeTask, SettleKind, wait_all
 
 # Re-exported: the scheduler, recovery, the API and the tests import these two from here.
-from controller.runtime import ActiveJobs as ActiveJobs
-from controller.runtime import EngineContext as EngineContext
-from controller.runtime import HostRef, JobSpec
-from controller.settings import RunbookConfig
-from controller.states import JobState
-from controller.verdicts import (
+from controller.cycle.runtime import ActiveJobs as ActiveJobs
+from controller.cycle.runtime import EngineContext as EngineContext
+from controller.cycle.runtime import HostRef, JobSpec
+from controller.decisions.preflight import admit, classify_guests
+from controller.decisions.rollout import host_order
+from controller.decisions.states import JobState
+from controller.decisions.verdicts import (
     HostResult,
     JobFailed,
     Verdict,
@@ -54,6 +42,23 @@ from controller.verdicts import (
     stopping_verdict,
     success_verdict,
 )
+from controller.errors import HypervisorError, MaintctlError
+from controller.hosts.clock import ClockSync
+from controller.hosts.guardian import Guardian
+from controller.hosts.hypervisor import GuestInfo, Hypervisor
+from controller.hosts.runbooks import (
+    RunbookOutcome,
+    RunbookProcess,
+    RunbookResult,
+    build_argv,
+    resolve_program,
+    runbook_env,
+)
+from controller.settings import RunbookConfig
+from controller.store.db import is_database_outage, unit_of_work
+from controller.store.models import Host, Job, utcnow
+from controller.work.lease import LeaseKeeper
+from controller.work.lifecycle import Lease, claim_item
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +206,7 @@ def _load_hosts(ctx: EngineContext, names: list[str]) -> list[HostRef]:
 class HostCycle:
     """Pause every target guest of one host, run the runbook, resume, sync clocks.
 
-    The steps read in order below; `self.record` (controller.recording) says how each is written.
+    The steps read in order below; `self.record` (controller.cycle.recording) says how each is written.
     """
 
     def __init__(

@@ -1,11 +1,11 @@
-"""Alembic environment: runs migrations against the URL given by controller.db.alembic_config."""
+"""Alembic environment: runs migrations against the URL given by controller.store.db.alembic_config."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from controller.models import Base
+from controller.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -17,12 +17,12 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.engine import EngineContext
-from controller.hypervisor import HypervisorPool
-from controller.inventory import sync_config_hosts
-from controller.libvirt_host import LibvirtHost
+from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.libvirt_host import LibvirtHost
+from controller.services.inventory import sync_config_hosts
 from controller.settings import DatabaseSettings, Settings
+from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
 from tests.testbed import BedGuest, TestBed
 
 PG_URL = os.environ.get(

@@ -12,10 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CtxDep, SessionDep, requires
 from api.routes.jobs import event_public
 from api.schemas import MAX_ID, EventPublic
-from controller.db import unit_of_work
 from controller.engine import EngineContext
-from controller.event_log import events_after, stream_start
-from controller.tokens import Role
+from controller.services.event_log import events_after, stream_start
+from controller.services.tokens import Role
+from controller.store.db import unit_of_work
 
 router = APIRouter(prefix="/api/v1/events", tags=["events"])
 POLL_SECONDS = 0.25

@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 
 from api.deps import CtxDep, HostPingsDep, SchedulerDep, requires
 from api.schemas import DiskFreeCheck, Health, HealthCheck, HealthChecks, LibvirtCheck
-from controller.db import is_database_outage, limit_lock_wait, unit_of_work
 from controller.engine import EngineContext
-from controller.host_pings import HostPings
-from controller.models import HealthProbe, Host, utcnow
+from controller.hosts.host_pings import HostPings
+from controller.store.db import is_database_outage, limit_lock_wait, unit_of_work
+from controller.store.models import HealthProbe, Host, utcnow
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])

@@ -4,9 +4,9 @@ from fastapi import APIRouter, Response
 
 from api.deps import CtxDep, PrincipalDep, SessionDep, requires
 from api.schemas import GuestPublic, HostCreate, HostDetail, HostPublic
-from controller import inventory
-from controller.models import Host
-from controller.tokens import Role
+from controller.services import inventory
+from controller.services.tokens import Role
+from controller.store.models import Host
 
 router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
 

@@ -14,11 +14,11 @@ from api.schemas import (
     JobPublic,
     PlanPublic,
 )
-from controller import jobs as job_service
-from controller.models import Event, Job, utcnow
-from controller.preflight import BusyGuestPolicy
-from controller.states import JobState
-from controller.tokens import Role
+from controller.decisions.preflight import BusyGuestPolicy
+from controller.decisions.states import JobState
+from controller.services import jobs as job_service
+from controller.services.tokens import Role
+from controller.store.models import Event, Job, utcnow
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]

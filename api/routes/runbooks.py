@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from api.deps import SettingsDep, requires
 from api.schemas import RunbookPublic
-from controller.tokens import Role
+from controller.services.tokens import Role
 
 router = APIRouter(prefix="/api/v1/runbooks", tags=["runbooks"])
 

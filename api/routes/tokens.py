@@ -6,9 +6,9 @@ from fastapi import APIRouter, Path, Response
 
 from api.deps import PrincipalDep, SessionDep, requires
 from api.schemas import MAX_ID, TokenCreate, TokenCreated, TokenPublic
-from controller import tokens as token_service
-from controller.models import ApiToken, utcnow
-from controller.tokens import Role
+from controller.services import tokens as token_service
+from controller.services.tokens import Role
+from controller.store.models import ApiToken, utcnow
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 

@@ -11,12 +11,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from controller.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.engine import EngineContext
-from controller.hypervisor import HypervisorPool
-from controller.libvirt_host import LibvirtHost
-from controller.models import ApiToken
-from controller.tokens import Role, create_token
+from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.libvirt_host import LibvirtHost
+from controller.services.tokens import Role, create_token
+from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
+from controller.store.models import ApiToken
 from tests.conftest import TEST_URI, make_settings, start_test_domains, with_database
 
 

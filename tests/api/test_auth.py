@@ -5,7 +5,7 @@ import re
 import pytest
 
 from api.app import create_app
-from controller.tokens import Role
+from controller.services.tokens import Role
 from tests.conftest import make_settings
 
 DUMMY = {"job_id": "999999", "name": "no-such-host", "token_id": "999999"}
@@ -110,8 +110,8 @@ def test_bad_and_revoked_tokens_are_401(api):
 def test_tokens_are_stored_hashed(api):
     from sqlalchemy import select
 
-    from controller.db import unit_of_work
-    from controller.models import ApiToken
+    from controller.store.db import unit_of_work
+    from controller.store.models import ApiToken
 
     with unit_of_work(api.ctx.session_factory) as s:
         stored = [t.token_hash for t in s.scalars(select(ApiToken))]

@@ -18,13 +18,13 @@ from sqlalchemy.engine import make_url
 from api.app import create_app
 from api.deps import requires
 from api.routes.health import MIN_FREE_BYTES
-from controller.db import make_engine, make_session_factory, unit_of_work
 from controller.engine import EngineContext
 from controller.errors import DatabaseUnavailable
-from controller.hypervisor import HypervisorPool
-from controller.libvirt_host import LibvirtHost
-from controller.models import HealthProbe
-from controller.tokens import Role
+from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.libvirt_host import LibvirtHost
+from controller.services.tokens import Role
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import HealthProbe
 from tests.api.conftest import (
     PROBLEM,
     assert_database_unavailable,

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from controller.db import unit_of_work
-from controller.models import Event, IdempotencyKey
+from controller.store.db import unit_of_work
+from controller.store.models import Event, IdempotencyKey
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 JOB = {"hosts": ["h1"], "runbook": "noop"}
@@ -204,7 +204,7 @@ def test_a_job_that_cannot_start_before_not_after_expires(api):
 
 def test_missed_start_after_downtime_runs_late_with_an_event(api):
     """A job due while the service was down (no timer armed) runs late, recorded as such."""
-    from controller import jobs as job_service
+    from controller.services import jobs as job_service
 
     with unit_of_work(api.ctx.session_factory) as s:
         missed = job_service.submit(

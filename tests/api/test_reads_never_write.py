@@ -17,10 +17,10 @@ from sqlalchemy import event, update
 from sqlalchemy.engine import make_url
 
 from api.deps import requires
-from controller.db import unit_of_work
-from controller.events import record_event
-from controller.models import ApiToken
-from controller.tokens import Role
+from controller.services.tokens import Role
+from controller.store.db import unit_of_work
+from controller.store.events import record_event
+from controller.store.models import ApiToken
 from tests.api.conftest import engine_of, last_used
 
 WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE|MERGE|REPLACE)\b", re.IGNORECASE)

@@ -11,8 +11,8 @@ import libvirt
 import pytest
 from sqlalchemy import select
 
-from controller.db import make_engine, make_session_factory, unit_of_work
-from controller.models import Event, PauseIntent
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import Event, PauseIntent
 from tests.conftest import QEMU_URI, process_alive
 from tests.e2e.service import Client, Service, host_block
 

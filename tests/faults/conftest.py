@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from controller.db import make_engine, make_session_factory, unit_of_work
-from controller.models import Event, Job, JobGuest, PauseIntent
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import Event, Job, JobGuest, PauseIntent
 from tests.conftest import QEMU_URI
 from tests.e2e.service import Client, Service, host_block
 from tests.faults.bed import FAULT_RUNBOOKS, Sampler, libvirtd_restored, wait_for

@@ -22,8 +22,8 @@ import libvirt
 import pytest
 from sqlalchemy import select
 
-from controller.db import make_engine, make_session_factory, unit_of_work
-from controller.models import Event, Job, JobHost
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import Event, Job, JobHost
 from tests.conftest import QEMU_URI
 from tests.e2e.service import Client, Service, host_block
 from tests.faults.bed import Sampler, report, wait_for

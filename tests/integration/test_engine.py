@@ -9,7 +9,7 @@ import libvirt
 import pytest
 
 from controller.errors import AdmissionRefused
-from controller.hypervisor import METADATA_KEY, METADATA_NAMESPACE
+from controller.hosts.hypervisor import METADATA_KEY, METADATA_NAMESPACE
 from tests.conftest import (
     QEMU_URI,
     TEST_URI,

@@ -7,10 +7,11 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from controller.db import unit_of_work
-from controller.jobs import JobRequest, get_job, submit
-from controller.lifecycle import (
-    ItemState,
+from controller.decisions.states import ItemState, JobState
+from controller.services.jobs import JobRequest, get_job, submit
+from controller.store.db import unit_of_work
+from controller.store.models import Event, JobHost, utcnow
+from controller.work.lifecycle import (
     claim_item,
     finish_item,
     host_busy,
@@ -19,8 +20,6 @@ from controller.lifecycle import (
     take_over,
     transition,
 )
-from controller.models import Event, JobHost, utcnow
-from controller.states import JobState
 from tests.conftest import TEST_URI, make_harness, make_settings
 
 LEASE = 10.0

@@ -26,12 +26,13 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select, update
 
-from controller import jobs as job_service
-from controller.db import unit_of_work
+from controller.decisions.states import ACTIVE, ItemState, JobState, is_terminal
 from controller.errors import Conflict
-from controller.lifecycle import (
+from controller.services import jobs as job_service
+from controller.store.db import unit_of_work
+from controller.store.models import Host, Job, JobHost, PauseIntent, utcnow
+from controller.work.lifecycle import (
     HELD,
-    ItemState,
     Lease,
     StartKind,
     abort_job,
@@ -45,8 +46,6 @@ from controller.lifecycle import (
     take_over,
     transition,
 )
-from controller.models import Host, Job, JobHost, PauseIntent, utcnow
-from controller.states import ACTIVE, JobState, is_terminal
 from tests.conftest import migrated
 
 LEASE_SECONDS = 10.0

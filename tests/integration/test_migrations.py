@@ -3,8 +3,8 @@
 import pytest
 from sqlalchemy import text
 
-from controller.db import current_tables, downgrade, make_engine, upgrade
-from controller.models import Base
+from controller.store.db import current_tables, downgrade, make_engine, upgrade
+from controller.store.models import Base
 
 TABLES = {
     "hosts",

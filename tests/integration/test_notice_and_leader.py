@@ -10,13 +10,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from controller.db import make_engine, make_session_factory, unit_of_work
 from controller.engine import EngineContext
-from controller.hypervisor import HypervisorPool
-from controller.leader import AdvisoryLockLeader, SecondReplica, SingleReplica
-from controller.libvirt_host import LibvirtHost
-from controller.models import Job, JobHost
-from controller.scheduler import MaintenanceScheduler
+from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.libvirt_host import LibvirtHost
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import Job, JobHost
+from controller.work.leader import AdvisoryLockLeader, SecondReplica, SingleReplica
+from controller.work.scheduler import MaintenanceScheduler
 from tests.conftest import TEST_URI, make_harness, make_settings, start_test_domains
 from tests.faults.bed import wait_for
 from tests.integration.engine_helpers import read_outcome, submit

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from controller.db import make_engine, make_session_factory, unit_of_work
-from controller.models import Event, Job, JournalBatch, PauseIntent
-from controller.outbox import AddEvent, Batch, Outbox, ResolveIntent, UpdateGuest
+from controller.cycle.outbox import AddEvent, Batch, Outbox, ResolveIntent, UpdateGuest
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import Event, Job, JournalBatch, PauseIntent
 from tests.conftest import migrated
 
 UNREACHABLE = "sqlite:////nonexistent-dir/maintctl.db"  # "unable to open database file"

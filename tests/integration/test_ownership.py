@@ -8,12 +8,12 @@ import time
 import libvirt
 from sqlalchemy import select
 
-from controller.db import make_engine, make_session_factory, unit_of_work
-from controller.jobs import get_job
-from controller.lifecycle import request_abort
-from controller.models import JobHost
-from controller.recovery import reconcile
-from controller.scheduler import MaintenanceScheduler
+from controller.cycle.recovery import reconcile
+from controller.services.jobs import get_job
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.store.models import JobHost
+from controller.work.lifecycle import request_abort
+from controller.work.scheduler import MaintenanceScheduler
 from tests.conftest import TEST_URI, make_harness, make_settings, start_test_domains
 from tests.faults.bed import wait_for
 from tests.integration.engine_helpers import read_outcome, submit
@@ -55,9 +55,9 @@ def test_a_dead_owners_item_is_taken_over_once_and_its_guests_resumed(db_url, te
     (dom,) = start_test_domains(test_driver, ["td-o3"])
     h = make_harness(db_url, make_settings([{"name": "h1", "uri": TEST_URI, "sync_clock": False}]))
     job_id = submit(h, runbook="noop")
-    from controller.lifecycle import claim_item, transition
-    from controller.models import PauseIntent, utcnow
-    from controller.states import JobState
+    from controller.decisions.states import JobState
+    from controller.store.models import PauseIntent, utcnow
+    from controller.work.lifecycle import claim_item, transition
 
     with unit_of_work(h.session_factory) as s:
         job = get_job(s, job_id, lock=True)

@@ -6,8 +6,8 @@ import itertools
 import threading
 import time
 
-from controller.libvirt_host import LibvirtHost
-from controller.resumption import Resumer, SettleKind, resume_until_settled
+from controller.cycle.resumption import Resumer, SettleKind, resume_until_settled
+from controller.hosts.libvirt_host import LibvirtHost
 from tests.conftest import TEST_DOMAIN_XML, TEST_URI, start_test_domains
 
 NOBODY = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"

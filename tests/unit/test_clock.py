@@ -4,15 +4,15 @@ The real agent is exercised in tests/integration/test_engine_qemu.py; these cove
 healthy guest never takes (agent late after resume, agent without set-time, a clock that lags).
 """
 
-from controller.clock import (
+from controller.errors import AgentUnavailable, Unsupported
+from controller.hosts.clock import (
     REFINE_ROUNDS,
     SyncMethod,
     SyncOutcome,
     set_guest_clock,
     verify_guest_clock,
 )
-from controller.errors import AgentUnavailable, Unsupported
-from controller.hypervisor import GuestInfo, GuestState
+from controller.hosts.hypervisor import GuestInfo, GuestState
 
 
 class FakeHost:

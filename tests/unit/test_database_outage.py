@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from controller.db import is_database_outage, make_engine
+from controller.store.db import is_database_outage, make_engine
 
 
 def _raised(engine, sql: str) -> sa_exc.SQLAlchemyError:

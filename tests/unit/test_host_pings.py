@@ -3,8 +3,8 @@
 import threading
 
 from controller.errors import HostUnavailable
-from controller.host_pings import NO_ANSWER, HostPings
-from controller.hypervisor import HypervisorPool
+from controller.hosts.host_pings import NO_ANSWER, HostPings
+from controller.hosts.hypervisor import HypervisorPool
 
 
 class StuckHost:

@@ -1,9 +1,9 @@
 import pytest
 
+from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
+from controller.decisions.rollout import host_order, update_domain_waves
 from controller.errors import AdmissionRefused
-from controller.hypervisor import GuestInfo, GuestState
-from controller.preflight import BusyGuestPolicy, admit, classify_guests
-from controller.rollout import host_order, update_domain_waves
+from controller.hosts.hypervisor import GuestInfo, GuestState
 
 
 def g(name, state=GuestState.RUNNING, reason="booted", job=None, optout=False):

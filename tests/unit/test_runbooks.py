@@ -4,7 +4,7 @@ import time
 import pytest
 
 from controller.errors import RunbookParamError
-from controller.runbooks import (
+from controller.hosts.runbooks import (
     RunbookOutcome,
     RunbookProcess,
     build_argv,

@@ -1,7 +1,7 @@
 import pytest
 
+from controller.decisions.states import TERMINAL, TRANSITIONS, JobState, advance, is_terminal
 from controller.errors import InvalidTransition
-from controller.states import TERMINAL, TRANSITIONS, JobState, advance, is_terminal
 
 
 def test_every_state_has_a_row_in_the_table():

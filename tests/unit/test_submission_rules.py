@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from controller.errors import Conflict, InvalidRequest
-from controller.idempotency import IN_FLIGHT_TTL, replay_of, request_digest, stored_key
-from controller.jobs import JobRequest, check_window
-from controller.models import IdempotencyKey
+from controller.services.idempotency import IN_FLIGHT_TTL, replay_of, request_digest, stored_key
+from controller.services.jobs import JobRequest, check_window
+from controller.store.models import IdempotencyKey
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
-from controller.tokens import Principal, Role, last_use_due
+from controller.services.tokens import Principal, Role, last_use_due
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

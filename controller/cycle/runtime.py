@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller import runners
-from controller.hypervisor import HypervisorPool
-from controller.models import Job
-from controller.outbox import Outbox
-from controller.preflight import BusyGuestPolicy
-from controller.resumption import Resumer
+from controller.cycle.outbox import Outbox
+from controller.cycle.resumption import Resumer
+from controller.decisions.preflight import BusyGuestPolicy
+from controller.decisions.states import JobState
+from controller.hosts.hypervisor import HypervisorPool
 from controller.settings import Settings
-from controller.states import JobState
+from controller.store.models import Job
+from controller.work import runners
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from controller.clock import ClockSync
+from controller.cycle.resumption import ResumeTask
+from controller.decisions.states import ItemState, JobState
 from controller.errors import MaintctlError
-from controller.lifecycle import ItemState
-from controller.resumption import ResumeTask
-from controller.runbooks import RunbookOutcome, RunbookResult
-from controller.states import JobState
+from controller.hosts.clock import ClockSync
+from controller.hosts.runbooks import RunbookOutcome, RunbookResult
 
 
 @dataclass

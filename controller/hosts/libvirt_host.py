@@ -1,6 +1,6 @@
 """The only module that imports libvirt. Every libvirtError is translated in _translate().
 
-Every call has a deadline (controller/deadlines.py): a call that does not return, because a
+Every call has a deadline (controller/hosts/deadlines.py): a call that does not return, because a
 guest's QEMU or libvirtd itself is hung, is abandoned and raises CallTimedOut, and the next call
 to the same guest's state waits for it rather than racing it.
 """
@@ -15,7 +15,6 @@ from xml.etree import ElementTree
 
 import libvirt
 
-from controller.deadlines import SerialCalls, call_with_deadline
 from controller.errors import (
     AgentUnavailable,
     GuestNotFound,
@@ -23,7 +22,8 @@ from controller.errors import (
     HypervisorError,
     Unsupported,
 )
-from controller.hypervisor import METADATA_NAMESPACE, GuestInfo, GuestState
+from controller.hosts.deadlines import SerialCalls, call_with_deadline
+from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestInfo, GuestState
 
 T = TypeVar("T")
 

@@ -53,3 +53,16 @@ def advance(current: JobState | str, target: JobState | str) -> JobState:
 
 def is_terminal(state: JobState | str) -> bool:
     return JobState(state) in TERMINAL
+
+
+class ItemState(StrEnum):
+    """States of one host's work item of a job (table job_hosts)."""
+
+    PENDING = "pending"
+    NOTIFYING = "notifying"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"

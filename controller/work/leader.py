@@ -27,8 +27,8 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from controller.db import CONNECT_TIMEOUT_SECONDS
 from controller.errors import MaintctlError
+from controller.store.db import CONNECT_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 

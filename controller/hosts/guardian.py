@@ -28,9 +28,9 @@ import time
 from datetime import UTC, datetime
 from typing import IO
 
+from controller.cycle.resumption import resume_until_settled
 from controller.errors import HypervisorError
-from controller.hypervisor import Hypervisor
-from controller.resumption import resume_until_settled
+from controller.hosts.hypervisor import Hypervisor
 
 READY = "ready"
 START_TIMEOUT_SECONDS = 15.0
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # A terminal's Ctrl-C or the service's SIGTERM must not kill the switch before it can act.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from controller.libvirt_host import LibvirtHost
+    from controller.hosts.libvirt_host import LibvirtHost
 
     hv = LibvirtHost(args.uri, call_timeout=args.call_timeout)
     try:
@@ -179,7 +179,15 @@ class Guardian:
 
     @classmethod
     def start(cls, uri: str, grace: float, *, call_timeout: float = 5.0) -> Guardian:
-        argv = [sys.executable, "-m", "controller.guardian", "--uri", uri, "--grace", str(grace)]
+        argv = [
+            sys.executable,
+            "-m",
+            "controller.hosts.guardian",
+            "--uri",
+            uri,
+            "--grace",
+            str(grace),
+        ]
         proc = subprocess.Popen(
             [*argv, "--call-timeout", str(call_timeout)],
             stdin=subprocess.PIPE,

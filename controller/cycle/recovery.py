@@ -19,17 +19,17 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from controller.clock import ClockSync
-from controller.db import unit_of_work
+from controller.cycle.guest_ops import sync_one
+from controller.cycle.recording import record_recovered
+from controller.cycle.resumption import ResumeTask, SettleKind
+from controller.decisions.states import ACTIVE, JobState, is_terminal
 from controller.engine import EngineContext
-from controller.events import record_event
-from controller.guest_ops import sync_one
-from controller.lifecycle import HELD, take_over, transition
-from controller.models import Host, Job, JobGuest, JobHost, PauseIntent, utcnow
-from controller.recording import record_recovered
-from controller.resumption import ResumeTask, SettleKind
-from controller.runners import runner_alive, runner_dead_here
-from controller.states import ACTIVE, JobState, is_terminal
+from controller.hosts.clock import ClockSync
+from controller.store.db import unit_of_work
+from controller.store.events import record_event
+from controller.store.models import Host, Job, JobGuest, JobHost, PauseIntent, utcnow
+from controller.work.lifecycle import HELD, take_over, transition
+from controller.work.runners import runner_alive, runner_dead_here
 
 log = logging.getLogger(__name__)
 _reconcile_lock = threading.Lock()

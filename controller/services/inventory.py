@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from controller.decisions.states import ACTIVE, PENDING
 from controller.errors import Conflict, HypervisorError, NotFound
-from controller.events import record_event
-from controller.hypervisor import GuestInfo, HypervisorPool
-from controller.models import Guest, Host, Job, utcnow
+from controller.hosts.hypervisor import GuestInfo, HypervisorPool
 from controller.settings import Settings
-from controller.states import ACTIVE, PENDING
+from controller.store.events import record_event
+from controller.store.models import Guest, Host, Job, utcnow
 
 
 def sync_config_hosts(session: Session, settings: Settings) -> None:

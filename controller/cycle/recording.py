@@ -15,15 +15,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.clock import ClockSync
-from controller.db import unit_of_work
-from controller.events import record_event
-from controller.guest_ops import PauseResult, WallClock, pause_ms
-from controller.hypervisor import GuestInfo
-from controller.inventory import record_guest_states
-from controller.lifecycle import Lease
-from controller.models import JobGuest, PauseIntent, utcnow
-from controller.outbox import (
+from controller.cycle.guest_ops import PauseResult, WallClock, pause_ms
+from controller.cycle.outbox import (
     AddEvent,
     FinishItem,
     FinishJob,
@@ -32,10 +25,17 @@ from controller.outbox import (
     ResolveIntent,
     UpdateGuest,
 )
-from controller.resumption import ResumeTask, Settled, SettleKind
-from controller.runbooks import RunbookOutcome, RunbookProcess, RunbookResult
-from controller.runtime import HostRef, JobSpec
-from controller.verdicts import BudgetExceeded, HostResult, Verdict, item_state
+from controller.cycle.resumption import ResumeTask, Settled, SettleKind
+from controller.cycle.runtime import HostRef, JobSpec
+from controller.decisions.verdicts import BudgetExceeded, HostResult, Verdict, item_state
+from controller.hosts.clock import ClockSync
+from controller.hosts.hypervisor import GuestInfo
+from controller.hosts.runbooks import RunbookOutcome, RunbookProcess, RunbookResult
+from controller.services.inventory import record_guest_states
+from controller.store.db import unit_of_work
+from controller.store.events import record_event
+from controller.store.models import JobGuest, PauseIntent, utcnow
+from controller.work.lifecycle import Lease
 
 
 def _late(task: ResumeTask) -> str:

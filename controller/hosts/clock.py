@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from controller.errors import AgentUnavailable, HypervisorError, Unsupported
-from controller.hypervisor import Hypervisor
+from controller.hosts.hypervisor import Hypervisor
 
 
 class SyncMethod(StrEnum):

@@ -15,18 +15,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller import idempotency
+from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
+from controller.decisions.rollout import host_order
+from controller.decisions.states import JobState, is_terminal
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
-from controller.events import record_event
-from controller.hypervisor import HypervisorPool
-from controller.lifecycle import create_items
-from controller.models import Event, Host, Job, JobGuest, JobHost, utcnow
-from controller.paging import Page, newest_first
-from controller.preflight import BusyGuestPolicy, admit, classify_guests
-from controller.rollout import host_order
-from controller.runbooks import build_argv
+from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.runbooks import build_argv
+from controller.services import idempotency
+from controller.services.paging import Page, newest_first
 from controller.settings import Settings
-from controller.states import JobState, is_terminal
+from controller.store.events import record_event
+from controller.store.models import Event, Host, Job, JobGuest, JobHost, utcnow
+from controller.work.lifecycle import create_items
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.db import limit_lock_wait, unit_of_work
 from controller.errors import Conflict, InvalidRequest, NotFound
-from controller.events import record_event
-from controller.models import ApiToken
+from controller.store.db import limit_lock_wait, unit_of_work
+from controller.store.events import record_event
+from controller.store.models import ApiToken
 
 log = logging.getLogger(__name__)
 PREFIX = "mct_"

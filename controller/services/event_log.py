@@ -1,4 +1,4 @@
-"""Reading the event log (controller/events.py writes it): pages after an id, and where a
+"""Reading the event log (controller/store/events.py writes it): pages after an id, and where a
 stream picks up again."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.models import Event
-from controller.paging import oldest_after
+from controller.services.paging import oldest_after
+from controller.store.models import Event
 
 
 def events_after(session: Session, *, after: int, limit: int) -> list[Event]:

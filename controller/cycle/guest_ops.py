@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from controller.clock import (
+from controller.errors import CallTimedOut, HostUnavailable, HypervisorError
+from controller.hosts.clock import (
     ClockSync,
     SyncMethod,
     SyncOutcome,
     set_guest_clock,
     verify_guest_clock,
 )
-from controller.errors import CallTimedOut, HostUnavailable, HypervisorError
-from controller.hypervisor import GuestInfo, Hypervisor
+from controller.hosts.hypervisor import GuestInfo, Hypervisor
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from controller.errors import HypervisorError
-from controller.hypervisor import HypervisorPool
+from controller.hosts.hypervisor import HypervisorPool
 
 PING_WORKERS = 4
 NO_ANSWER = "unreachable: no answer in time"

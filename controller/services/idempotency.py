@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.db import unit_of_work
 from controller.errors import Conflict, InvalidRequest
-from controller.models import IdempotencyKey
+from controller.store.db import unit_of_work
+from controller.store.models import IdempotencyKey
 
 IN_FLIGHT_TTL = timedelta(seconds=60)
 STORED_KEY_MAX = 128  # idempotency_keys.key; longer keys are stored by their digest

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from controller.deadlines import run_on_thread
 from controller.errors import GuestNotFound, HypervisorError
-from controller.hypervisor import OUR_PAUSE_REASONS, GuestState, Hypervisor
+from controller.hosts.deadlines import run_on_thread
+from controller.hosts.hypervisor import OUR_PAUSE_REASONS, GuestState, Hypervisor
 
 log = logging.getLogger(__name__)
 

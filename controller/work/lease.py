@@ -22,9 +22,9 @@ from collections.abc import Callable
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.db import unit_of_work
-from controller.lifecycle import Lease, renew
-from controller.models import Job, utcnow
+from controller.store.db import unit_of_work
+from controller.store.models import Job, utcnow
+from controller.work.lifecycle import Lease, renew
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from controller.errors import AdmissionRefused
-from controller.hypervisor import GuestInfo, GuestState
+from controller.hosts.hypervisor import GuestInfo, GuestState
 
 
 class BusyGuestPolicy(StrEnum):

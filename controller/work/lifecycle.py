@@ -17,21 +17,9 @@ from typing import Any
 from sqlalchemy import CursorResult, case, exists, func, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
-from controller.events import record_event
-from controller.models import Host, Job, JobHost, utcnow
-from controller.states import JobState, advance, is_terminal
-
-
-class ItemState(StrEnum):
-    PENDING = "pending"
-    NOTIFYING = "notifying"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    ABORTED = "aborted"
-    INTERRUPTED = "interrupted"
-
+from controller.decisions.states import ItemState, JobState, advance, is_terminal
+from controller.store.events import record_event
+from controller.store.models import Host, Job, JobHost, utcnow
 
 HELD = (ItemState.NOTIFYING.value, ItemState.RUNNING.value)  # an owner holds it under a lease
 OPEN = (ItemState.PENDING.value, *HELD)

@@ -25,11 +25,11 @@ from typing import Any, Union
 from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.db import is_database_outage, unit_of_work
-from controller.events import record_event
-from controller.lifecycle import ItemState, Lease, finish, finish_item
-from controller.models import JobGuest, JournalBatch, PauseIntent
-from controller.states import JobState
+from controller.decisions.states import ItemState, JobState
+from controller.store.db import is_database_outage, unit_of_work
+from controller.store.events import record_event
+from controller.store.models import JobGuest, JournalBatch, PauseIntent
+from controller.work.lifecycle import Lease, finish, finish_item
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0

@@ -21,13 +21,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller import jobs as job_service
-from controller.db import is_database_outage, unit_of_work
+from controller.cycle.recovery import reconcile
+from controller.decisions.states import ItemState, JobState
 from controller.engine import EngineContext, run_job
-from controller.events import record_event
-from controller.leader import Leadership, leadership_for
-from controller.lifecycle import (
-    ItemState,
+from controller.services import jobs as job_service
+from controller.store.db import is_database_outage, unit_of_work
+from controller.store.events import record_event
+from controller.store.models import Job, JobHost, utcnow
+from controller.work.leader import Leadership, leadership_for
+from controller.work.lifecycle import (
     Lease,
     StartKind,
     abort_job,
@@ -36,9 +38,6 @@ from controller.lifecycle import (
     start_job,
     transition,
 )
-from controller.models import Job, JobHost, utcnow
-from controller.recovery import reconcile
-from controller.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class MaintenanceScheduler:
     """Timers, the sweep and the start of due work, on one replica of the service.
 
     Every replica serves the API, reconciles, and executes the work it claims in its own pool
-    of max_parallel_jobs threads. Only the leader (controller.leader) arms start timers and runs
+    of max_parallel_jobs threads. Only the leader (controller.work.leader) arms start timers and runs
     the sweep; followers poll for due work every second instead, so a job submitted to any
     replica starts even while the leader is busy, and the claim (a conditional UPDATE) decides
     who runs it.

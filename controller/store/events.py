@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from controller.models import Event, utcnow
+from controller.store.models import Event, utcnow
 
 MAX_MESSAGE = 4000
 

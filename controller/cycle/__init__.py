@@ -1,0 +1,1 @@
+"""The cycle's support: runtime context, recorder and outbox, resumer, guest operations, recovery."""

@@ -1,0 +1,1 @@
+"""Host-facing adapters: libvirt, the guardian, runbook execution, clock sync, deadlines, pings."""

@@ -1,0 +1,1 @@
+"""Services the API calls: jobs, idempotency, paging, event log reads, tokens, inventory."""

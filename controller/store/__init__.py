@@ -1,0 +1,1 @@
+"""Persistence: tables, sessions and Alembic helpers, the event log writer."""

@@ -1,0 +1,1 @@
+"""Ownership of running work: lifecycle of jobs and work items, leases, leader, runners, timers."""
