@@ -68,6 +68,10 @@ DRAIN_BEFORE_HOST_SECONDS = 10.0
 HOST_WAIT_POLL_SECONDS = 0.5
 # A settled guest's follow-up (record, clock sync) is bounded by the agent and call timeouts.
 FOLLOW_UP_WAIT_SECONDS = 60.0
+# The outbox writes nothing while a cycle's suspends and resumes are in flight (its writer would
+# take the interpreter lock from them), nor during the first moments of the runbook: a short
+# runbook ends before its pause records are written, a long one has them written meanwhile.
+RUNBOOK_QUIET_SECONDS = 0.2
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -271,6 +275,7 @@ class HostCycle:
         try:
             return self._maintain(hv, plan.targets, guardian)
         finally:
+            self.ctx.outbox.release(self)
             if guardian is not None:
                 self._release_guardian(guardian)
 
@@ -317,6 +322,7 @@ class HostCycle:
         self.hard_at = first_pause + self.spec.budget
         pauses: list[PauseResult] = []
         rb: RunbookResult | None = None
+        self.ctx.outbox.hold(self, self.hard_at)  # until the runbook starts, below
         try:
             pauses = fan_out(self.ctx.pool, lambda g: self._pause(hv, g), targets)
             rb = self._patch(budget_at, guardian, pauses)
@@ -370,6 +376,7 @@ class HostCycle:
             guardian.runbook(proc.pgid)
         # Queued while the runbook already runs: the database never lengthens the pause.
         self.record.pauses(pauses, self.paused_at, proc)
+        self.ctx.outbox.hold(self, proc.started + RUNBOOK_QUIET_SECONDS)
         return proc.wait(
             timeout_at=proc.started + self.runbook.timeout_seconds,
             budget_at=budget_at,
@@ -380,8 +387,9 @@ class HostCycle:
     def _resume_all(self, hv: Hypervisor, guests: list[GuestInfo]) -> None:
         self.resume_started = time.monotonic()
         self._unsettled = len(guests)
+        self.ctx.outbox.hold(self, self.resume_started + self.settings.libvirt_call_timeout_seconds)
         if not guests:
-            self._all_settled.set()
+            self._settled_all()
         for guest in guests:
             self.tasks[guest.uuid] = self.ctx.resumer.resume(
                 hv, guest.uuid, guest.name, then=self._after_resume, fence=self.keeper.taken_over
@@ -395,7 +403,7 @@ class HostCycle:
         with self._settle_lock:
             self._unsettled -= 1
             if self._unsettled <= 0:
-                self._all_settled.set()
+                self._settled_all()
         resumed_at = self.wall.at(settled.mono)
         paused_at = self.paused_at.get(task.uuid)
         by_guardian = None
@@ -421,6 +429,10 @@ class HostCycle:
             )
         )
         return self._sync(task)
+
+    def _settled_all(self) -> None:
+        self.ctx.outbox.release(self)  # the records of the pause window may be written now
+        self._all_settled.set()
 
     def _sync(self, task: ResumeTask) -> ClockSync:
         assert self.hv is not None

@@ -7,6 +7,12 @@ stopped, SQLite on a full disk), the batches wait in memory and are appended to 
 journal file, fsynced, so that a restart loses none of them; they are written as soon as the
 database answers again, before anything newer. A journaled batch is marked applied (table
 journal_batches) in its own transaction, so a replay after a crash never writes it twice.
+
+The writer is a Python thread: while it turns a batch into SQL it holds the interpreter lock the
+resume threads need. A cycle therefore asks for quiet (`hold`) while its resumes are in flight and
+for the first moments of its runbook; the writer starts no batch until every hold has been
+released or has run out. Nothing a crash needs is held back: the pause intents are committed
+before the first pause, and recovery works from them alone.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -214,6 +221,7 @@ class Outbox:
         self._retry = retry_seconds
         self._queue: deque[Batch] = deque()
         self._submitted = self._done = 0
+        self._holds: dict[object, float] = {}  # holder -> time.monotonic() it runs out
         self._cond = threading.Condition()
         self._closed = False
         self.last_error: str | None = None
@@ -234,6 +242,28 @@ class Outbox:
                 self._journal_queued()  # the database is away: make it durable now
             self._cond.notify_all()
         return batch
+
+    def hold(self, holder: object, until: float) -> None:
+        """Start no batch before `until` (time.monotonic()) or before holder releases its hold;
+        a second hold by the same holder replaces the first."""
+        with self._cond:
+            self._holds[holder] = until
+            self._cond.notify_all()
+
+    def release(self, holder: object) -> None:
+        with self._cond:
+            if self._holds.pop(holder, None) is not None:
+                self._cond.notify_all()
+
+    def _wait_for_quiet_end(self) -> None:
+        """Called with the condition held: wait while a hold is on (never once closing)."""
+        while not self._closed:
+            now = time.monotonic()
+            for holder in [h for h, until in self._holds.items() if until <= now]:
+                del self._holds[holder]
+            if not self._holds:
+                return
+            self._cond.wait(min(self._holds.values()) - now)
 
     def backlog(self) -> int:
         with self._cond:
@@ -267,6 +297,7 @@ class Outbox:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
+                self._wait_for_quiet_end()
                 if not self._queue:
                     return
                 batch = self._queue[0]

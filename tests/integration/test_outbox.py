@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,3 +103,29 @@ def test_a_torn_last_line_is_skipped(db_url, tmp_path: Path) -> None:
     assert replay.drain(timeout=10)
     assert _events(factory, job_id) == ["kept"]
     replay.close()
+
+
+def test_a_hold_keeps_the_writer_quiet_until_released_or_run_out(db_url, tmp_path) -> None:
+    """A cycle's resumes must not share the interpreter lock with the writer: held batches wait."""
+    factory = migrated(db_url)
+    job_id = _job(factory)
+    outbox = Outbox(factory, tmp_path / "journal")
+    try:
+        cycle = object()
+        outbox.hold(cycle, time.monotonic() + 30)
+        outbox.submit(AddEvent("held", "1", _now(), job_id))
+        assert not outbox.drain(timeout=0.5)
+        assert _events(factory, job_id) == [] and outbox.backlog() == 1
+        outbox.release(cycle)
+        assert outbox.drain(timeout=10)
+        assert _events(factory, job_id) == ["held"]
+        # A hold nobody releases (its cycle died) runs out by itself.
+        outbox.hold(object(), time.monotonic() + 0.5)
+        submitted = time.monotonic()
+        outbox.submit(AddEvent("after the hold ran out", "2", _now(), job_id))
+        assert outbox.drain(timeout=10)
+        waited = time.monotonic() - submitted
+        assert 0.4 <= waited < 5, waited
+        assert _events(factory, job_id) == ["held", "after the hold ran out"]
+    finally:
+        outbox.close()
