@@ -236,6 +236,7 @@ class HostCycle:
             self.wall,
             runbook_timeout=runbook.timeout_seconds,
             resume_reserve=self.settings.resume_reserve_seconds,
+            lease_of=lambda: keeper.lease,
         )
         self.hv: Hypervisor | None = None
         self.hard_at = 0.0  # first pause + budget, monotonic

@@ -36,7 +36,7 @@ from controller.decisions.states import ItemState, JobState
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.events import record_event
 from controller.store.models import JobGuest, JournalBatch, PauseIntent
-from controller.work.lifecycle import Lease, finish, finish_item
+from controller.work.lifecycle import Lease, finish, finish_item, still_held
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
@@ -105,9 +105,21 @@ class FinishItem:
     detail: str | None = None
 
 
-Op = Union[AddEvent, UpdateGuest, ResolveIntent, FinishJob, FinishItem]  # noqa: UP007
+@dataclass(frozen=True)
+class WhileHeld:
+    """Skip the rest of the batch unless the work item is still held under this lease (owner
+    and epoch). An owner that was stopped past its lease writes nothing after the takeover:
+    the replica that took the item over records its guests."""
+
+    item_id: int
+    owner: str
+    epoch: int
+
+
+Op = Union[AddEvent, UpdateGuest, ResolveIntent, FinishJob, FinishItem, WhileHeld]  # noqa: UP007
 _OPS: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (AddEvent, UpdateGuest, ResolveIntent, FinishJob, FinishItem)
+    cls.__name__: cls
+    for cls in (AddEvent, UpdateGuest, ResolveIntent, FinishJob, FinishItem, WhileHeld)
 }
 
 
@@ -148,6 +160,8 @@ def _apply_op(s: Session, op: Op) -> bool:
             update(PauseIntent).where(*where).values(resolved_at=op.at, resolution=op.resolution)
         )
         return claimed.rowcount >= 1
+    elif isinstance(op, WhileHeld):
+        return still_held(s, op.item_id, op.owner, op.epoch)
     elif isinstance(op, FinishItem):
         lease = Lease(op.item_id, op.job_id, op.host, op.owner, op.epoch, op.at)
         finish_item(s, lease, ItemState(op.state), outcome=op.outcome, detail=op.detail, at=op.at)

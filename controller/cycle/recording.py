@@ -8,7 +8,7 @@ journal while the database is away). HostCycle (controller.engine) says when; th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
@@ -24,6 +24,7 @@ from controller.cycle.outbox import (
     Outbox,
     ResolveIntent,
     UpdateGuest,
+    WhileHeld,
 )
 from controller.cycle.resumption import ResumeTask, Settled, SettleKind
 from controller.cycle.runtime import HostRef, JobSpec
@@ -55,11 +56,21 @@ class HostRecorder:
         *,
         runbook_timeout: float,
         resume_reserve: float,
+        lease_of: Callable[[], Lease | None] = lambda: None,
     ) -> None:
         self.outbox, self.session_factory, self.wall = outbox, session_factory, wall
+        self.lease_of = lease_of
         self.job_id, self.host, self.host_uri = spec.id, host.name, host.uri
         self.runbook, self.budget = spec.runbook, spec.budget
         self.runbook_timeout, self.resume_reserve = runbook_timeout, resume_reserve
+
+    def _while_held(self, ops: list[Op]) -> list[Op]:
+        """These records are written only if the lease still holds when the outbox gets to them
+        (it may hold them back for a moment while guests are paused)."""
+        lease = self.lease_of()
+        if lease is None:
+            return ops
+        return [WhileHeld(lease.item_id, lease.owner, lease.epoch), *ops]
 
     # --- before the pause: one short transaction each ----------------------------------------
 
@@ -186,7 +197,7 @@ class HostRecorder:
                     timeout_seconds=self.runbook_timeout,
                 )
             )
-        self.outbox.submit(*ops)
+        self.outbox.submit(*self._while_held(ops))
         # Resolving never stops a batch that records other guests, so each goes on its own.
         for p in pauses:
             if not p.paused and not p.uncertain:
@@ -215,7 +226,7 @@ class HostRecorder:
                     f"{self.budget:g} s - {self.resume_reserve:g} s reserve",
                 )
             )
-        self.outbox.submit(*ops)
+        self.outbox.submit(*self._while_held(ops))
 
     def resume_pending(self, task: ResumeTask, waited: float) -> None:
         self.outbox.submit(

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -53,7 +53,10 @@ class OpenIntent:
 def _job_is_alive(ctx: EngineContext, job: Job, now: datetime) -> bool:
     if job.id in ctx.active:
         return True
-    return job.runner_id != ctx.runner_id and runner_alive(job.runner_id, job.heartbeat_at, now)
+    grace = timedelta(seconds=ctx.settings.maintenance.lease_seconds)
+    return job.runner_id != ctx.runner_id and runner_alive(
+        job.runner_id, job.heartbeat_at, now, grace
+    )
 
 
 def _take_over_expired(ctx: EngineContext) -> None:
@@ -197,13 +200,17 @@ def _interrupt(ctx: EngineContext, job_ids: set[int]) -> None:
             job = s.get(Job, job_id)
             if job is None or is_terminal(job.state) or job_id in ctx.active:
                 continue
+            if job.runner_id is None or runner_dead_here(job.runner_id):
+                reason = "controller_restarted"
+                detail = "the controller running this job stopped; its guests were reconciled"
+            else:
+                reason = "owner_lost"
+                detail = (
+                    f"the controller running this job ({job.runner_id}) stopped renewing its "
+                    f"heartbeat (last {job.heartbeat_at}); its guests were reconciled"
+                )
             transition(
-                s,
-                job,
-                JobState.INTERRUPTED,
-                reason="controller_restarted",
-                detail="the controller running this job stopped; its guests were reconciled",
-                actor="reconciler",
+                s, job, JobState.INTERRUPTED, reason=reason, detail=detail, actor="reconciler"
             )
 
 

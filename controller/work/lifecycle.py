@@ -163,6 +163,12 @@ def _held_by(lease: Lease) -> list[Any]:
     ]
 
 
+def still_held(session: Session, item_id: int, owner: str, epoch: int) -> bool:
+    """Whether the item is still held by this owner at this epoch (not taken over, not ended)."""
+    lease = Lease(item_id, 0, "", owner, epoch, utcnow())
+    return session.scalar(select(JobHost.id).where(*_held_by(lease))) is not None
+
+
 def renew(
     session: Session, lease: Lease, lease_seconds: float, now: datetime
 ) -> tuple[Lease | None, bool]:

@@ -1,7 +1,8 @@
 """Which controller process runs a job, and whether that process is still alive.
 
 A runner id is "hostname:pid:starttime". On this machine a dead pid (or a pid reused by another
-process) is known for certain; a runner on another machine is alive while its heartbeat is fresh.
+process) is known for certain. Otherwise a runner is alive while its heartbeat is fresh: a process
+that exists but stopped beating (SIGSTOPped, hung, cut off from the database) no longer owns work.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import os
 import socket
 from datetime import datetime, timedelta
-
-HEARTBEAT_LEASE = timedelta(seconds=10)
 
 
 def _start_time(pid: int) -> str | None:
@@ -27,14 +26,13 @@ def this_runner() -> str:
     return f"{socket.gethostname()}:{pid}:{_start_time(pid) or '0'}"
 
 
-def runner_alive(runner_id: str | None, heartbeat_at: datetime | None, now: datetime) -> bool:
-    if not runner_id:
+def runner_alive(
+    runner_id: str | None, heartbeat_at: datetime | None, now: datetime, grace: timedelta
+) -> bool:
+    """Alive: not known dead here, and its heartbeat is younger than `grace` (the lease)."""
+    if not runner_id or runner_dead_here(runner_id):
         return False
-    hostname, _, rest = runner_id.partition(":")
-    pid_text, _, started = rest.partition(":")
-    if hostname == socket.gethostname() and pid_text.isdigit():
-        return _start_time(int(pid_text)) == started
-    return heartbeat_at is not None and now - heartbeat_at < HEARTBEAT_LEASE
+    return heartbeat_at is not None and now - heartbeat_at < grace
 
 
 def runner_dead_here(runner_id: str | None) -> bool:

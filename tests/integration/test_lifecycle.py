@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
+from controller.cycle.outbox import AddEvent, Outbox, WhileHeld
 from controller.decisions.states import ItemState, JobState
 from controller.services.jobs import JobRequest, get_job, submit
 from controller.store.db import unit_of_work
@@ -176,3 +177,33 @@ def test_a_job_that_ends_skips_its_pending_items(db_url):
     with unit_of_work(h.session_factory) as s:
         kinds = list(s.scalars(select(Event.kind).where(Event.job_id == job_id)))
     assert "job_cancelled" in kinds
+
+
+def test_records_fenced_by_a_lease_are_dropped_once_it_was_taken_over(db_url, tmp_path):
+    """A stopped owner's records still queued in its outbox are not written after a takeover."""
+    h = _harness(db_url)
+    job_id = _submit(h, ("h1",))
+    now = utcnow()
+    with unit_of_work(h.session_factory) as s:
+        lease = claim_item(s, job_id, "h1", "a", LEASE, now)
+    assert lease is not None
+    fence = WhileHeld(lease.item_id, lease.owner, lease.epoch)
+    outbox = Outbox(h.session_factory, tmp_path / "journal")
+    try:
+        outbox.submit(fence, AddEvent("guest_paused", "while held", now, job_id, guest="g1"))
+        assert outbox.drain(timeout=10)
+        with unit_of_work(h.session_factory) as s:
+            assert take_over(s, lease.item_id, lease.epoch, now, "expired")
+        outbox.submit(fence, AddEvent("guest_paused", "after the takeover", now, job_id))
+        outbox.submit(AddEvent("unfenced", "still written", now, job_id))
+        assert outbox.drain(timeout=10)
+    finally:
+        outbox.close()
+    with unit_of_work(h.session_factory) as s:
+        written = list(
+            s.scalars(
+                select(Event.message).where(Event.job_id == job_id, Event.actor == "controller")
+            )
+        )
+    assert "while held" in written and "still written" in written
+    assert "after the takeover" not in written
