@@ -9,6 +9,8 @@ test-bed guests and reports, per guest and cycle:
   spread     time between the first and the last guest's suspend request
   skew       |guest clock - host clock| after the sync, read independently through
              guest-get-time right after the cycle
+  engine     the skew maintctl itself recorded for the guest, and its largest difference from
+             the independent read (they should agree within the two reads' errors)
 Methods: maintctl (the engine, thread fan-out), maintctl-serial (the same engine with one worker
 thread: the sequential alternative), and virsh (suspend loop, runbook, resume loop, domtime --sync).
 """
@@ -51,6 +53,9 @@ class Sample:
     skew_ms: list[float] = field(default_factory=list)
     # Half the round trip of each skew read: the most the read itself can be off.
     skew_error_ms: list[float] = field(default_factory=list)
+    # maintctl only: the skew the engine recorded, and |engine - independent read| per guest.
+    engine_skew_ms: list[float] = field(default_factory=list)
+    disagreement_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | str]:
         return {
@@ -63,7 +68,13 @@ class Sample:
             "skew_median_abs_ms": round(statistics.median(abs(s) for s in self.skew_ms), 2),
             "skew_max_abs_ms": round(max(abs(s) for s in self.skew_ms), 2),
             "skew_read_error_max_ms": round(max(self.skew_error_ms), 2),
+            "engine_skew_max_ms": _max_abs(self.engine_skew_ms),
+            "engine_disagreement_max_ms": _max_abs(self.disagreement_ms),
         }
+
+
+def _max_abs(values: list[float]) -> float | str:
+    return round(max(abs(v) for v in values), 2) if values else "-"
 
 
 def independent_skews(bed: TestBed, names: list[str], reads: int = 5) -> list[tuple[float, float]]:
@@ -119,6 +130,11 @@ def maintctl_cycle(
             select(Event).where(Event.job_id == job_id, Event.kind == "runbook_finished")
         ).one()
         runbook_ms = finished.details["duration_s"] * 1000
+        independent = {name: skew for name, (skew, _) in zip(names, skews, strict=True)}
+        for g in job.guests:
+            if g.clock_skew_ms is not None:
+                sample.engine_skew_ms.append(g.clock_skew_ms)
+                sample.disagreement_ms.append(g.clock_skew_ms - independent[g.guest])
         guests = [g for g in job.guests if g.pause_ms is not None]
         sample.overhead_ms += [g.pause_ms - runbook_ms for g in guests]
         starts = [g.paused_at for g in guests]
@@ -164,6 +180,8 @@ def table(rows: list[dict[str, float | str]]) -> str:
         "skew_median_abs_ms",
         "skew_max_abs_ms",
         "skew_read_error_max_ms",
+        "engine_skew_max_ms",
+        "engine_disagreement_max_ms",
     ]
     heads = [
         "method",
@@ -175,6 +193,8 @@ def table(rows: list[dict[str, float | str]]) -> str:
         "abs skew median",
         "abs skew max",
         "read error max",
+        "engine skew max",
+        "engine vs read max",
     ]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
