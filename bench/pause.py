@@ -12,7 +12,9 @@ test-bed guests and reports, per guest and cycle:
   engine     the skew maintctl itself recorded for the guest, and its largest difference from
              the independent read (they should agree within the two reads' errors)
 Methods: maintctl (the engine, thread fan-out), maintctl-serial (the same engine with one worker
-thread: the sequential alternative), and virsh (suspend loop, runbook, resume loop, domtime --sync).
+thread: the sequential alternative), virsh (suspend loop, runbook, resume loop, domtime --sync),
+and libvirt-floor: bare libvirt-python calls, one thread per guest, no state checks, no records,
+no clock sync: what this machine's libvirtd and QEMU take at the least, for comparison.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import libvirt
 from sqlalchemy import select
 
 from controller.engine import EngineContext
@@ -65,9 +68,11 @@ class Sample:
             "overhead_max_ms": round(max(self.overhead_ms), 1),
             "spread_median_ms": round(statistics.median(self.spread_ms), 1),
             "spread_max_ms": round(max(self.spread_ms), 1),
-            "skew_median_abs_ms": round(statistics.median(abs(s) for s in self.skew_ms), 2),
-            "skew_max_abs_ms": round(max(abs(s) for s in self.skew_ms), 2),
-            "skew_read_error_max_ms": round(max(self.skew_error_ms), 2),
+            "skew_median_abs_ms": (
+                round(statistics.median(abs(s) for s in self.skew_ms), 2) if self.skew_ms else "-"
+            ),
+            "skew_max_abs_ms": _max_abs(self.skew_ms),
+            "skew_read_error_max_ms": _max_abs(self.skew_error_ms),
             "engine_skew_max_ms": _max_abs(self.engine_skew_ms),
             "engine_disagreement_max_ms": _max_abs(self.disagreement_ms),
         }
@@ -141,6 +146,34 @@ def maintctl_cycle(
         sample.spread_ms.append((max(starts) - min(starts)).total_seconds() * 1000)
     sample.skew_ms += [skew for skew, _ in skews]
     sample.skew_error_ms += [err for _, err in skews]
+
+
+def libvirt_floor_cycle(runbook: str, sample: Sample, names: list[str]) -> None:
+    """Suspend every guest at once, run the runbook, resume every guest at once; nothing else."""
+    conn = libvirt.open(SYSTEM_URI)
+    try:
+        doms = [conn.lookupByName(name) for name in names]
+        requested: dict[str, float] = {}
+        resumed: dict[str, float] = {}
+
+        def suspend(dom: libvirt.virDomain) -> None:
+            requested[dom.name()] = time.monotonic()
+            dom.suspend()
+
+        def resume(dom: libvirt.virDomain) -> None:
+            dom.resume()
+            resumed[dom.name()] = time.monotonic()
+
+        with ThreadPoolExecutor(len(doms)) as pool:
+            list(pool.map(suspend, doms))
+            started = time.monotonic()
+            subprocess.run(RUNBOOKS[runbook], check=True)
+            runbook_ms = (time.monotonic() - started) * 1000
+            list(pool.map(resume, doms))
+    finally:
+        conn.close()
+    sample.overhead_ms += [(resumed[n] - requested[n]) * 1000 - runbook_ms for n in names]
+    sample.spread_ms.append((max(requested.values()) - min(requested.values())) * 1000)
 
 
 def virsh(*args: str) -> None:
@@ -223,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                 "maintctl-serial": maintctl_context(Path(tmp), 1),
             }
             for runbook in RUNBOOKS:
-                for method in ("maintctl", "maintctl-serial", "virsh"):
+                for method in ("libvirt-floor", "maintctl", "maintctl-serial", "virsh"):
                     sample = Sample(method, runbook)
                     for cycle in range(args.cycles):
                         print(
                             f"{method} {runbook} cycle {cycle + 1}/{args.cycles}", file=sys.stderr
                         )
-                        if method == "virsh":
+                        if method == "libvirt-floor":
+                            libvirt_floor_cycle(runbook, sample, names)
+                        elif method == "virsh":
                             virsh_cycle(runbook, sample, bed, names)
                         else:
                             maintctl_cycle(contexts[method], runbook, sample, bed, names)
