@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from controller.services.tokens import Role
-from controller.settings import NAME_PATTERN
+from controller.settings import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, NAME_PATTERN
 
 
 def _rfc3339(value: datetime) -> str:
@@ -33,6 +33,8 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
 GuestRef = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")]
 ParamValue = Annotated[str, StringConstraints(max_length=256)]
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN)]
 MAX_ID = 2**63 - 1  # row ids are signed 64-bit on every backend
 
 
@@ -43,7 +45,15 @@ class _In(BaseModel):
 
 
 class JobCreate(_In):
-    hosts: list[Name] = Field(min_length=1, max_length=1000)
+    hosts: list[Name] | Literal["all"] | None = Field(
+        default=None,
+        description='The hosts by name, or "all"; leave out to select hosts by labels instead',
+    )
+    labels: dict[LabelKey, LabelValue] | None = Field(
+        default=None,
+        max_length=32,
+        description="Select every host that carries all of these labels",
+    )
     runbook: Name
     params: dict[ParamName, ParamValue] = Field(default_factory=dict, max_length=32)
     # Strict mode would want datetime objects; JSON brings RFC 3339 strings.
@@ -106,9 +116,17 @@ class PlannedGuestPublic(_Out):
     reason: str | None
 
 
+class PlannedWavePublic(_Out):
+    update_domain: int
+    hosts: list[str]
+
+
 class PlanPublic(_Out):
     dry_run: Literal[True] = True
     hosts: list[str]
+    waves: list[PlannedWavePublic] = Field(
+        description="One per update domain, lowest first; no two waves have guests paused at once"
+    )
     guests: list[PlannedGuestPublic]
     pause_budget_seconds: float
     predicted_pause_ms: float | None
@@ -126,6 +144,7 @@ class HostCreate(_In):
     update_domain: int = Field(default=0, ge=0, le=1000)
     patch_via: Literal["local"] = "local"
     sync_clock: bool = True
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
 
 
 class HostPublic(_Out):
@@ -134,6 +153,7 @@ class HostPublic(_Out):
     update_domain: int
     patch_via: str
     sync_clock: bool
+    labels: dict[str, str]
     source: str
 
 

@@ -23,6 +23,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]{0,31})\}$")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# Host labels: a key like "rack" or "example.org/row", a value of plain characters.
+LABEL_KEY_PATTERN = r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._-]{0,63}$"
+LabelKey = Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN)]
 
 
 class _Strict(BaseModel):
@@ -84,6 +89,7 @@ class HostConfig(_Strict):
     patch_via: Literal["local"] = "local"
     # Off only for hosts without a guest agent (libvirt's test driver): the outcome is "disabled".
     sync_clock: bool = True
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
 
 
 class RunbookConfig(_Strict):

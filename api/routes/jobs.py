@@ -55,7 +55,9 @@ def event_public(e: Event) -> EventPublic:
 
 def _request(body: JobCreate) -> job_service.JobRequest:
     return job_service.JobRequest(
-        hosts=body.hosts,
+        hosts=body.hosts if isinstance(body.hosts, list) else [],
+        all_hosts=body.hosts == "all",
+        labels=body.labels,
         runbook=body.runbook,
         params=body.params,
         not_before=body.not_before,

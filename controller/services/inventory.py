@@ -30,19 +30,21 @@ def sync_config_hosts(session: Session, settings: Settings) -> None:
                     update_domain=cfg.update_domain,
                     patch_via=cfg.patch_via,
                     sync_clock=cfg.sync_clock,
+                    labels=dict(cfg.labels),
                     source="config",
                 )
             )
             record_event(session, "host_added", f"host {name} from the config file", host=name)
-        elif (row.uri, row.update_domain, row.patch_via, row.sync_clock, row.source) != (
-            cfg.uri,
-            cfg.update_domain,
-            cfg.patch_via,
-            cfg.sync_clock,
-            "config",
-        ):
+        elif (
+            row.uri,
+            row.update_domain,
+            row.patch_via,
+            row.sync_clock,
+            row.labels,
+            row.source,
+        ) != (cfg.uri, cfg.update_domain, cfg.patch_via, cfg.sync_clock, cfg.labels, "config"):
             row.uri, row.update_domain, row.patch_via = cfg.uri, cfg.update_domain, cfg.patch_via
-            row.sync_clock, row.source = cfg.sync_clock, "config"
+            row.sync_clock, row.labels, row.source = cfg.sync_clock, dict(cfg.labels), "config"
             record_event(session, "host_updated", f"host {name} from the config file", host=name)
     for name, row in existing.items():
         if row.source == "config" and name not in declared:
@@ -117,6 +119,7 @@ def add_host(
     patch_via: str,
     sync_clock: bool,
     actor: str,
+    labels: dict[str, str] | None = None,
 ) -> Host:
     """A host managed through the API (source "api"); config-file hosts come from sync_config_hosts."""
     if session.scalars(select(Host).where(Host.name == name)).one_or_none() is not None:
@@ -127,6 +130,7 @@ def add_host(
         update_domain=update_domain,
         patch_via=patch_via,
         sync_clock=sync_clock,
+        labels=dict(labels or {}),
         source="api",
     )
     session.add(host)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
-from controller.decisions.rollout import host_order
+from controller.decisions.rollout import host_order, update_domain_waves
 from controller.decisions.states import JobState, is_terminal
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
@@ -31,6 +31,10 @@ from controller.work.lifecycle import create_items
 
 @dataclass(frozen=True)
 class JobRequest:
+    """A job as asked. Its hosts are named (`hosts`), or every host (`all_hosts`), or those
+    carrying every one of `labels`; exactly one of the three. The selection is resolved once,
+    at submission: the job keeps the hosts it selected then."""
+
     hosts: list[str]
     runbook: str
     params: dict[str, str] = field(default_factory=dict)
@@ -40,20 +44,51 @@ class JobRequest:
     notice_seconds: float = 0.0
     exclude_guests: list[str] = field(default_factory=list)
     busy_guests: BusyGuestPolicy = BusyGuestPolicy.SKIP
+    all_hosts: bool = False
+    labels: dict[str, str] | None = None
+
+    def selector(self) -> str:
+        if self.all_hosts:
+            return "all"
+        if self.labels is not None:
+            return "labels " + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        return "named"
+
+
+def select_hosts(session: Session, req: JobRequest) -> list[Host]:
+    """The hosts the request selects, in the order named (or by name); raises if none."""
+    ways = bool(req.hosts) + req.all_hosts + (req.labels is not None)
+    if ways != 1:
+        raise InvalidRequest(
+            'hosts: name the hosts, or ask for "all", or select them by labels (exactly one)'
+        )
+    if req.hosts:
+        if len(set(req.hosts)) != len(req.hosts):
+            raise InvalidRequest("hosts: a host is named twice")
+        rows = {h.name: h for h in session.scalars(select(Host).where(Host.name.in_(req.hosts)))}
+        missing = [n for n in req.hosts if n not in rows]
+        if missing:
+            raise InvalidRequest(f"hosts: unknown host(s): {', '.join(missing)}")
+        return [rows[n] for n in req.hosts]
+    every = list(session.scalars(select(Host).order_by(Host.name)))
+    if req.all_hosts:
+        if not every:
+            raise InvalidRequest("hosts: no host is declared")
+        return every
+    assert req.labels is not None
+    if not req.labels:
+        raise InvalidRequest("labels: give at least one label to select hosts by")
+    chosen = [h for h in every if all(h.labels.get(k) == v for k, v in req.labels.items())]
+    if not chosen:
+        raise InvalidRequest(f"labels: no host carries {req.selector().removeprefix('labels ')}")
+    return chosen
 
 
 def validate(
     session: Session, settings: Settings, req: JobRequest, *, now: datetime | None = None
 ) -> tuple[list[Host], float]:
     """Everything that can be checked without touching a guest; raises with a readable message."""
-    if not req.hosts:
-        raise InvalidRequest("hosts: name at least one host")
-    if len(set(req.hosts)) != len(req.hosts):
-        raise InvalidRequest("hosts: a host is named twice")
-    rows = {h.name: h for h in session.scalars(select(Host).where(Host.name.in_(req.hosts)))}
-    missing = [n for n in req.hosts if n not in rows]
-    if missing:
-        raise InvalidRequest(f"hosts: unknown host(s): {', '.join(missing)}")
+    hosts = select_hosts(session, req)
     runbook = settings.runbooks.get(req.runbook)
     if runbook is None:
         declared = ", ".join(sorted(settings.runbooks)) or "none"
@@ -71,7 +106,7 @@ def validate(
         budget_cap=m.pause_budget_cap_seconds,
     )
     check_window(req, now=utcnow() if now is None else now, horizon_days=m.schedule_horizon_days)
-    return [rows[n] for n in req.hosts], budget
+    return hosts, budget
 
 
 def check_window(req: JobRequest, *, now: datetime, horizon_days: int) -> None:
@@ -97,11 +132,12 @@ def submit(
     now: datetime | None = None,
 ) -> Job:
     hosts, budget = validate(session, settings, req, now=now)
+    names = [h.name for h in hosts]
     job = Job(
         state=JobState.SCHEDULED.value,
         runbook=req.runbook,
         params=dict(req.params),
-        host_names=list(req.hosts),
+        host_names=names,
         exclude_guests=list(req.exclude_guests),
         busy_guests=req.busy_guests.value,
         pause_budget_seconds=budget,
@@ -116,11 +152,12 @@ def submit(
     record_event(
         session,
         "job_created",
-        f"job {job.id}: {req.runbook} on {', '.join(req.hosts)}",
+        f"job {job.id}: {req.runbook} on {', '.join(names)}",
         job_id=job.id,
         actor=actor,
         runbook=req.runbook,
-        hosts=req.hosts,
+        hosts=names,
+        selected_by=req.selector(),
         not_before=None if req.not_before is None else req.not_before.isoformat(),
     )
     return job
@@ -179,12 +216,19 @@ class PlannedGuest:
 
 
 @dataclass(frozen=True)
+class PlannedWave:
+    update_domain: int
+    hosts: list[str]
+
+
+@dataclass(frozen=True)
 class Plan:
     hosts: list[str]  # in the order they will be maintained
     guests: list[PlannedGuest]
     pause_budget_seconds: float
     predicted_pause_ms: float | None  # median of this runbook's past pauses on these hosts
     predicted_from: int  # how many past pauses the prediction rests on
+    waves: list[PlannedWave]  # one per update domain, in order: never two at once
 
 
 def plan(
@@ -213,14 +257,20 @@ def plan(
         select(JobGuest.pause_ms)
         .join(Job, Job.id == JobGuest.job_id)
         .where(
-            Job.runbook == req.runbook, JobGuest.host.in_(req.hosts), JobGuest.pause_ms.is_not(None)
+            Job.runbook == req.runbook,
+            JobGuest.host.in_([h.name for h in hosts]),
+            JobGuest.pause_ms.is_not(None),
         )
         .order_by(JobGuest.id.desc())
         .limit(200)
     )
     history = [ms for ms in rows if ms is not None]
     predicted = round(statistics.median(history), 3) if history else None
-    return Plan([h.name for h in ordered], guests, budget, predicted, len(history))
+    waves = [
+        PlannedWave(wave[0].update_domain, [h.name for h in wave])
+        for wave in update_domain_waves(hosts)
+    ]
+    return Plan([h.name for h in ordered], guests, budget, predicted, len(history), waves)
 
 
 def list_jobs(

@@ -72,6 +72,8 @@ class Host(Base):
     update_domain: Mapped[int] = mapped_column(Integer, default=0)
     patch_via: Mapped[str] = mapped_column(String(16), default="local")
     sync_clock: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Free key/value labels (rack, row, hardware generation): jobs select hosts by them.
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     # "config" hosts are rewritten from the config file at start; "api" hosts are managed by admins.
     source: Mapped[str] = mapped_column(String(16), default="api")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

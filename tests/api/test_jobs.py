@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from controller.store.db import unit_of_work
 from controller.store.models import Event, IdempotencyKey
+from tests.api.conftest import assert_problem
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 JOB = {"hosts": ["h1"], "runbook": "noop"}
@@ -241,3 +242,46 @@ def test_finished_job_shows_each_guest_status(api):
         "td-a": "resumed",
         "td-b": "skipped",
     }
+
+
+def test_hosts_selected_by_labels_or_all_and_a_dry_run_shows_the_waves(api):
+    r = api.post(
+        "/api/v1/hosts",
+        json={
+            "name": "lab1",
+            "uri": "test:///default",
+            "update_domain": 3,
+            "labels": {"rack": "r7"},
+        },
+        role="admin",
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["labels"] == {"rack": "r7"}
+    listed = {h["name"]: h["labels"] for h in api.get("/api/v1/hosts").json()}
+    assert listed["lab1"] == {"rack": "r7"}
+
+    plan = api.post("/api/v1/jobs", json={"hosts": "all", "runbook": "noop", "dry_run": True})
+    assert plan.status_code == 200, plan.text
+    waves = plan.json()["waves"]
+    assert waves[-1] == {"update_domain": 3, "hosts": ["lab1"]}
+    assert sorted(h for w in waves for h in w["hosts"]) == sorted(listed)
+
+    r = api.post(
+        "/api/v1/jobs",
+        json={"labels": {"rack": "r7"}, "runbook": "noop", "not_before": future(3600)},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["hosts"] == ["lab1"]
+
+    r = api.post("/api/v1/jobs", json={"labels": {"rack": "r8"}, "runbook": "noop"})
+    assert_problem(r, 422, "no host carries rack=r8")
+    r = api.post(
+        "/api/v1/jobs", json={"hosts": ["lab1"], "labels": {"rack": "r7"}, "runbook": "noop"}
+    )
+    assert_problem(r, 422, "exactly one")
+    r = api.post(
+        "/api/v1/hosts",
+        json={"name": "lab2", "uri": "test:///default", "labels": {"Rack!": "x"}},
+        role="admin",
+    )
+    assert r.status_code == 422

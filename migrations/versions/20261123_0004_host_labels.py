@@ -1,0 +1,26 @@
+"""hosts.labels: key/value labels a job can select hosts by
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-23 15:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("hosts") as batch:
+        batch.add_column(sa.Column("labels", sa.JSON(), nullable=False, server_default="{}"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("hosts") as batch:
+        batch.drop_column("labels")
