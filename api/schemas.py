@@ -63,6 +63,12 @@ class JobCreate(_In):
     notice_seconds: float = Field(default=0.0, ge=0, le=86400)
     exclude_guests: list[GuestRef] = Field(default_factory=list, max_length=1000)
     busy_guests: Literal["skip", "block"] = "skip"
+    max_failed_hosts: int = Field(
+        default=0, ge=0, le=10000, description="Host failures tolerated before the rollout halts"
+    )
+    continue_on_failure: bool = Field(
+        default=False, description="Try every host even after too many failures"
+    )
     dry_run: bool = False
 
 
@@ -100,6 +106,7 @@ class JobPublic(_Out):
     busy_guests: str
     pause_budget_seconds: float
     notice_seconds: float
+    rollout: dict[str, Any] = Field(description="max_failed_hosts, continue_on_failure")
     not_before: Timestamp | None
     not_after: Timestamp | None
     created_by: str

@@ -152,7 +152,9 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
     hosts = _load_hosts(ctx, spec.host_names)
 
     warnings: list[str] = []
-    for host in host_order(hosts):
+    failed: list[str] = []
+    ordered = host_order(hosts)
+    for position, host in enumerate(ordered):
         if abort.is_set():
             return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
         lease = keeper.lease
@@ -170,10 +172,12 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
             return Verdict(JobState.FAILED, "lease_lost", detail)
         ctx.outbox.submit(item_finished(lease, result))
         warnings += result.warnings
-        verdict = stopping_verdict(result)
+        if result.failure and result.failure != "aborted":
+            failed.append(f"{host.name} ({result.failure})")
+        verdict = stopping_verdict(result, failed, spec.rollout, left=len(ordered) - position - 1)
         if verdict is not None:
             return verdict
-    return success_verdict(warnings)
+    return success_verdict(warnings, failed, spec.rollout)
 
 
 def _claim_host(

@@ -15,6 +15,7 @@ from api.schemas import (
     PlanPublic,
 )
 from controller.decisions.preflight import BusyGuestPolicy
+from controller.decisions.rollout import RolloutPolicy
 from controller.decisions.states import JobState
 from controller.services import jobs as job_service
 from controller.services.tokens import Role
@@ -58,6 +59,7 @@ def _request(body: JobCreate) -> job_service.JobRequest:
         hosts=body.hosts if isinstance(body.hosts, list) else [],
         all_hosts=body.hosts == "all",
         labels=body.labels,
+        rollout=RolloutPolicy(body.max_failed_hosts, body.continue_on_failure),
         runbook=body.runbook,
         params=body.params,
         not_before=body.not_before,

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from controller.cycle.outbox import Outbox
 from controller.cycle.resumption import Resumer
 from controller.decisions.preflight import BusyGuestPolicy
+from controller.decisions.rollout import RolloutPolicy
 from controller.decisions.states import JobState
 from controller.hosts.hypervisor import HypervisorPool
 from controller.settings import Settings
@@ -111,6 +112,7 @@ class JobSpec:
     busy: BusyGuestPolicy
     budget: float
     notice: float
+    rollout: RolloutPolicy
 
     @classmethod
     def of(cls, job: Job) -> JobSpec:
@@ -124,6 +126,7 @@ class JobSpec:
             busy=BusyGuestPolicy(job.busy_guests),
             budget=job.pause_budget_seconds,
             notice=job.notice_seconds,
+            rollout=RolloutPolicy.of(job.rollout or {}),
         )
 
 

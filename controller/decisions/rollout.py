@@ -5,9 +5,40 @@ Hosts of one update domain are maintained before any host of the next; within a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from itertools import groupby
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """When a failed host halts the rollout.
+
+    A host fails (its runbook failed, its guests overran the budget, it was unreachable, ...):
+    with more than `max_failed_hosts` failures the rollout halts, no later host is started and
+    their items end skipped, unless `continue_on_failure` lets every host be tried. Either way a
+    job with more failures than tolerated ends failed; tolerated ones end it with warnings.
+    """
+
+    max_failed_hosts: int = 0
+    continue_on_failure: bool = False
+
+    @classmethod
+    def of(cls, stored: Mapping[str, Any]) -> RolloutPolicy:
+        return cls(
+            max_failed_hosts=int(stored.get("max_failed_hosts", 0)),
+            continue_on_failure=bool(stored.get("continue_on_failure", False)),
+        )
+
+    def stored(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def tolerates(self, failed: int) -> bool:
+        return failed <= self.max_failed_hosts
+
+    def halts(self, failed: int) -> bool:
+        return not self.continue_on_failure and not self.tolerates(failed)
 
 
 class HasUpdateDomain(Protocol):

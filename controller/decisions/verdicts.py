@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controller.cycle.resumption import ResumeTask
+from controller.decisions.rollout import RolloutPolicy
 from controller.decisions.states import ItemState, JobState
 from controller.errors import MaintctlError
 from controller.hosts.clock import ClockSync
@@ -115,17 +116,39 @@ def item_state(result: HostResult) -> ItemState:
     return ItemState.FAILED
 
 
-def stopping_verdict(result: HostResult) -> Verdict | None:
-    """The job's verdict if this host's outcome ends it; None lets it go on to the next host."""
+def stopping_verdict(
+    result: HostResult, failed: Sequence[str], policy: RolloutPolicy, *, left: int
+) -> Verdict | None:
+    """The job's verdict if this host's outcome ends it; None lets it go on to the next host.
+
+    `failed` names the hosts failed so far, this one included; `left` is how many hosts have
+    not been started yet.
+    """
     if result.failure == "aborted":
         return Verdict(JobState.ABORTED, "aborted", result.detail)
-    if result.failure:
-        return Verdict(JobState.FAILED, result.failure, result.detail)
+    if result.failure and policy.halts(len(failed)):
+        detail = result.detail
+        if left:
+            detail += (
+                f"; rollout halted: {len(failed)} host(s) failed (max_failed_hosts "
+                f"{policy.max_failed_hosts}), {left} later host(s) skipped"
+            )
+        return Verdict(JobState.FAILED, result.failure, detail)
     return None
 
 
-def success_verdict(warnings: list[str]) -> Verdict:
-    """Every host done: clock warnings make it a success with warnings."""
+def success_verdict(
+    warnings: list[str], failed: Sequence[str] = (), policy: RolloutPolicy | None = None
+) -> Verdict:
+    """Every host tried: failures beyond the tolerated fail the job, tolerated ones and clock
+    warnings make it a success with warnings."""
+    policy = policy or RolloutPolicy()
+    if failed:
+        state = (
+            JobState.SUCCEEDED_WITH_WARNINGS if policy.tolerates(len(failed)) else JobState.FAILED
+        )
+        detail = f"{len(failed)} host(s) failed: {', '.join(failed)}"
+        return Verdict(state, "hosts_failed", "; ".join([detail, *warnings]))
     if warnings:
         return Verdict(JobState.SUCCEEDED_WITH_WARNINGS, "clock_sync", "; ".join(warnings))
     return Verdict(JobState.SUCCEEDED)

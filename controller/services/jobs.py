@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
-from controller.decisions.rollout import host_order, update_domain_waves
+from controller.decisions.rollout import RolloutPolicy, host_order, update_domain_waves
 from controller.decisions.states import JobState, is_terminal
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
@@ -46,6 +46,7 @@ class JobRequest:
     busy_guests: BusyGuestPolicy = BusyGuestPolicy.SKIP
     all_hosts: bool = False
     labels: dict[str, str] | None = None
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
 
     def selector(self) -> str:
         if self.all_hosts:
@@ -144,6 +145,7 @@ def submit(
         notice_seconds=req.notice_seconds,
         not_before=req.not_before,
         not_after=req.not_after,
+        rollout=req.rollout.stored(),
         created_by=actor,
     )
     session.add(job)

@@ -110,6 +110,8 @@ class Job(Base):
     busy_guests: Mapped[str] = mapped_column(String(16), default="skip")
     pause_budget_seconds: Mapped[float] = mapped_column(Float)
     notice_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # How the job rolls out over its hosts (decisions.rollout.RolloutPolicy, as stored).
+    rollout: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     not_before: Mapped[datetime | None] = mapped_column(default=None)
     not_after: Mapped[datetime | None] = mapped_column(default=None)
     created_by: Mapped[str] = mapped_column(String(63), default="system")

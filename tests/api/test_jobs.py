@@ -285,3 +285,20 @@ def test_hosts_selected_by_labels_or_all_and_a_dry_run_shows_the_waves(api):
         role="admin",
     )
     assert r.status_code == 422
+
+
+def test_a_job_keeps_its_rollout_policy(api):
+    r = api.post(
+        "/api/v1/jobs",
+        json={
+            **JOB,
+            "max_failed_hosts": 2,
+            "continue_on_failure": True,
+            "not_before": future(3600),
+        },
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["rollout"] == {"max_failed_hosts": 2, "continue_on_failure": True}
+    assert api.post("/api/v1/jobs", json={**JOB, "max_failed_hosts": -1}).status_code == 422
+    r = api.post("/api/v1/jobs", json=JOB | {"not_before": future(3600)})
+    assert r.json()["rollout"] == {"max_failed_hosts": 0, "continue_on_failure": False}
