@@ -69,6 +69,9 @@ class JobCreate(_In):
     continue_on_failure: bool = Field(
         default=False, description="Try every host even after too many failures"
     )
+    wave_pause_seconds: float = Field(
+        default=0.0, ge=0, le=3600, description="Wait this long between update domains"
+    )
     dry_run: bool = False
 
 
@@ -94,6 +97,18 @@ class JobGuestPublic(_Out):
     )
 
 
+class JobHostPublic(_Out):
+    host: str
+    wave: int = Field(description="The host's update domain: waves run lowest first, one at a time")
+    state: str = Field(
+        description="pending, notifying, running, done, failed, skipped, aborted or interrupted"
+    )
+    outcome: str | None
+    detail: str | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
 class JobPublic(_Out):
     id: int
     state: str
@@ -114,6 +129,8 @@ class JobPublic(_Out):
     started_at: Timestamp | None
     finished_at: Timestamp | None
     guests: list[JobGuestPublic]
+    items: list[JobHostPublic] = Field(description="Each host's progress, in rollout order")
+    current_wave: int | None = Field(description="The update domain in progress, if any")
 
 
 class PlannedGuestPublic(_Out):

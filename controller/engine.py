@@ -23,6 +23,8 @@ from controller.cycle.recording import (
     item_finished,
     job_finished,
     record_host_waiting,
+    wave_finished,
+    wave_started,
 )
 from controller.cycle.resumption import ResumeTask, SettleKind, wait_all
 
@@ -154,9 +156,20 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
     warnings: list[str] = []
     failed: list[str] = []
     ordered = host_order(hosts)
+    wave: int | None = None
+    wave_failed: list[str] = []
     for position, host in enumerate(ordered):
         if abort.is_set():
             return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
+        if host.update_domain != wave:
+            if wave is not None:
+                ctx.outbox.submit(wave_finished(spec.id, wave, wave_failed))
+                if abort.wait(spec.rollout.wave_pause_seconds):
+                    detail = f"aborted between update domains {wave} and {host.update_domain}"
+                    return Verdict(JobState.ABORTED, "aborted", detail)
+            wave, wave_failed = host.update_domain, []
+            names = [h.name for h in ordered if h.update_domain == wave]
+            ctx.outbox.submit(wave_started(spec.id, wave, names))
         lease = keeper.lease
         if lease is None or lease.host != host.name:
             lease = _claim_host(ctx, spec, host, keeper, abort)
@@ -174,9 +187,12 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
         warnings += result.warnings
         if result.failure and result.failure != "aborted":
             failed.append(f"{host.name} ({result.failure})")
+            wave_failed.append(host.name)
         verdict = stopping_verdict(result, failed, spec.rollout, left=len(ordered) - position - 1)
         if verdict is not None:
             return verdict
+    if wave is not None:
+        ctx.outbox.submit(wave_finished(spec.id, wave, wave_failed))
     return success_verdict(warnings, failed, spec.rollout)
 
 

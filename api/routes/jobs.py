@@ -59,7 +59,9 @@ def _request(body: JobCreate) -> job_service.JobRequest:
         hosts=body.hosts if isinstance(body.hosts, list) else [],
         all_hosts=body.hosts == "all",
         labels=body.labels,
-        rollout=RolloutPolicy(body.max_failed_hosts, body.continue_on_failure),
+        rollout=RolloutPolicy(
+            body.max_failed_hosts, body.continue_on_failure, body.wave_pause_seconds
+        ),
         runbook=body.runbook,
         params=body.params,
         not_before=body.not_before,

@@ -408,5 +408,26 @@ def item_finished(lease: Lease, result: HostResult) -> FinishItem:
     )
 
 
+def wave_started(job_id: int, wave: int, hosts: list[str]) -> AddEvent:
+    return AddEvent(
+        "wave_started",
+        f"update domain {wave}: {', '.join(hosts)}",
+        utcnow(),
+        job_id,
+        details={"wave": wave, "hosts": hosts},
+    )
+
+
+def wave_finished(job_id: int, wave: int, failed: list[str]) -> AddEvent:
+    how = f"{len(failed)} host(s) failed" if failed else "every host done"
+    return AddEvent(
+        "wave_finished",
+        f"update domain {wave} finished: {how}",
+        utcnow(),
+        job_id,
+        details={"wave": wave, "failed": failed},
+    )
+
+
 def job_finished(job_id: int, verdict: Verdict) -> FinishJob:
     return FinishJob(job_id, verdict.state.value, utcnow(), verdict.reason, verdict.detail or None)

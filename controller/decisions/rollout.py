@@ -23,12 +23,14 @@ class RolloutPolicy:
 
     max_failed_hosts: int = 0
     continue_on_failure: bool = False
+    wave_pause_seconds: float = 0.0  # wait between update domains (time to see trouble)
 
     @classmethod
     def of(cls, stored: Mapping[str, Any]) -> RolloutPolicy:
         return cls(
             max_failed_hosts=int(stored.get("max_failed_hosts", 0)),
             continue_on_failure=bool(stored.get("continue_on_failure", False)),
+            wave_pause_seconds=float(stored.get("wave_pause_seconds", 0.0)),
         )
 
     def stored(self) -> dict[str, Any]:

@@ -126,6 +126,16 @@ class Job(Base):
     guests: Mapped[list[JobGuest]] = relationship(
         back_populates="job", order_by="JobGuest.id", cascade="all, delete-orphan"
     )
+    # The job's hosts in rollout order (read-only here: work/lifecycle.py changes them).
+    items: Mapped[list[JobHost]] = relationship(
+        order_by=lambda: (JobHost.wave, JobHost.position), viewonly=True
+    )
+
+    @property
+    def current_wave(self) -> int | None:
+        """The update domain being maintained now, if any."""
+        held = [i.wave for i in self.items if i.state in ("notifying", "running")]
+        return min(held) if held else None
 
 
 class JobGuest(Base):

@@ -272,6 +272,9 @@ def test_hosts_selected_by_labels_or_all_and_a_dry_run_shows_the_waves(api):
     )
     assert r.status_code == 201, r.text
     assert r.json()["hosts"] == ["lab1"]
+    job = api.get(f"/api/v1/jobs/{r.json()['id']}").json()
+    assert [(i["host"], i["wave"], i["state"]) for i in job["items"]] == [("lab1", 3, "pending")]
+    assert job["current_wave"] is None
 
     r = api.post("/api/v1/jobs", json={"labels": {"rack": "r8"}, "runbook": "noop"})
     assert_problem(r, 422, "no host carries rack=r8")
@@ -298,7 +301,15 @@ def test_a_job_keeps_its_rollout_policy(api):
         },
     )
     assert r.status_code == 201, r.text
-    assert r.json()["rollout"] == {"max_failed_hosts": 2, "continue_on_failure": True}
+    assert r.json()["rollout"] == {
+        "max_failed_hosts": 2,
+        "continue_on_failure": True,
+        "wave_pause_seconds": 0.0,
+    }
     assert api.post("/api/v1/jobs", json={**JOB, "max_failed_hosts": -1}).status_code == 422
     r = api.post("/api/v1/jobs", json=JOB | {"not_before": future(3600)})
-    assert r.json()["rollout"] == {"max_failed_hosts": 0, "continue_on_failure": False}
+    assert r.json()["rollout"] == {
+        "max_failed_hosts": 0,
+        "continue_on_failure": False,
+        "wave_pause_seconds": 0.0,
+    }

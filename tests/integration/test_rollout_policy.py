@@ -8,7 +8,7 @@ from sqlalchemy import select
 from controller.decisions.rollout import RolloutPolicy
 from controller.settings import Settings
 from controller.store.db import unit_of_work
-from controller.store.models import JobHost
+from controller.store.models import Job, JobHost
 from tests.conftest import TEST_URI, make_harness, start_test_domains
 from tests.integration.engine_helpers import run
 
@@ -44,6 +44,13 @@ def test_by_default_the_first_failed_host_halts_the_rollout(h):
     assert "rollout halted: 1 host(s) failed (max_failed_hosts 0), 1 later host(s) skipped" in (
         out.job.detail or ""
     )
+    with unit_of_work(h.session_factory) as s:
+        job = s.get_one(Job, out.job.id)
+        progress = [(i.host, i.wave, i.state) for i in job.items]
+        assert job.current_wave is None
+    assert progress == [("h1", 0, "done"), ("h2", 1, "failed"), ("h3", 2, "skipped")]
+    started = [e.details["wave"] for e in out.events if e.kind == "wave_started"]
+    assert started == [0, 1]  # the halt: update domain 2 never started
     items = _items(h, out.job.id)
     assert items["h1"][0] == "done" and items["h2"][0] == "failed"
     assert items["h3"][0] == "skipped" and "runbook_failed" in (items["h3"][1] or "")
@@ -61,4 +68,26 @@ def test_continue_on_failure_tries_every_host_and_still_fails_the_job(h):
     assert (out.job.state, out.job.reason) == ("failed", "hosts_failed")
     items = _items(h, out.job.id)
     assert (items["h1"][0], items["h2"][0], items["h3"][0]) == ("done", "failed", "done")
-    assert out.job.rollout == {"max_failed_hosts": 0, "continue_on_failure": True}
+    assert out.job.rollout == {
+        "max_failed_hosts": 0,
+        "continue_on_failure": True,
+        "wave_pause_seconds": 0.0,
+    }
+    waves = [(e.kind, e.details["wave"]) for e in out.events if e.kind.startswith("wave_")]
+    assert waves == [(k, w) for w in range(3) for k in ("wave_started", "wave_finished")]
+    (second,) = [e for e in out.events if e.kind == "wave_finished" and e.details["wave"] == 1]
+    assert second.details["failed"] == ["h2"]
+
+
+def test_a_wave_pause_separates_update_domains(h):
+    out = run(
+        h,
+        hosts=["h1", "h3"],
+        runbook="patch",
+        rollout=RolloutPolicy(wave_pause_seconds=1.0),
+    )
+    assert out.job.state == "succeeded"
+    with unit_of_work(h.session_factory) as s:
+        first, last = s.get_one(Job, out.job.id).items
+        gap = (last.started_at - first.finished_at).total_seconds()
+    assert gap >= 1.0, gap
