@@ -72,6 +72,12 @@ class JobCreate(_In):
     wave_pause_seconds: float = Field(
         default=0.0, ge=0, le=3600, description="Wait this long between update domains"
     )
+    gate_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How long the health gate after an update domain may wait before it fails",
+    )
     dry_run: bool = False
 
 

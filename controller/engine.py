@@ -17,9 +17,11 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from controller.cycle.gate import health_gate
 from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
 from controller.cycle.recording import (
     HostRecorder,
+    gate_recorded,
     item_finished,
     job_finished,
     record_host_waiting,
@@ -158,16 +160,19 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
     ordered = host_order(hosts)
     wave: int | None = None
     wave_failed: list[str] = []
+    wave_done: list[HostRef] = []
     for position, host in enumerate(ordered):
         if abort.is_set():
             return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
         if host.update_domain != wave:
             if wave is not None:
                 ctx.outbox.submit(wave_finished(spec.id, wave, wave_failed))
-                if abort.wait(spec.rollout.wave_pause_seconds):
-                    detail = f"aborted between update domains {wave} and {host.update_domain}"
-                    return Verdict(JobState.ABORTED, "aborted", detail)
-            wave, wave_failed = host.update_domain, []
+                verdict = _between_waves(
+                    ctx, spec, runbook, wave, wave_done, abort, failed, left=len(ordered) - position
+                )
+                if verdict is not None:
+                    return verdict
+            wave, wave_failed, wave_done = host.update_domain, [], []
             names = [h.name for h in ordered if h.update_domain == wave]
             ctx.outbox.submit(wave_started(spec.id, wave, names))
         lease = keeper.lease
@@ -188,12 +193,46 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
         if result.failure and result.failure != "aborted":
             failed.append(f"{host.name} ({result.failure})")
             wave_failed.append(host.name)
+        elif not result.failure:
+            wave_done.append(host)
         verdict = stopping_verdict(result, failed, spec.rollout, left=len(ordered) - position - 1)
         if verdict is not None:
             return verdict
     if wave is not None:
         ctx.outbox.submit(wave_finished(spec.id, wave, wave_failed))
     return success_verdict(warnings, failed, spec.rollout)
+
+
+def _between_waves(
+    ctx: EngineContext,
+    spec: JobSpec,
+    runbook: RunbookConfig,
+    wave: int,
+    done: list[HostRef],
+    abort: threading.Event,
+    failed: list[str],
+    *,
+    left: int,
+) -> Verdict | None:
+    """The health gate over the finished wave's hosts, then the wave pause; a verdict if the
+    rollout ends here (aborted, or halted by a failed gate)."""
+    gate = health_gate(
+        ctx, spec, done, runbook, timeout=spec.rollout.gate_timeout_seconds, abort=abort
+    )
+    if abort.is_set():
+        return Verdict(JobState.ABORTED, "aborted", f"aborted after update domain {wave}")
+    ctx.outbox.submit(gate_recorded(spec.id, wave, gate))
+    if not gate.passed:
+        failed.append(f"update domain {wave} (gate_failed)")
+        if not spec.rollout.continue_on_failure:
+            detail = (
+                f"health gate after update domain {wave} failed after {gate.waited_s:.1f} s: "
+                f"{gate.detail}; rollout halted, {left} later host(s) skipped"
+            )
+            return Verdict(JobState.FAILED, "gate_failed", detail)
+    if abort.wait(spec.rollout.wave_pause_seconds):
+        return Verdict(JobState.ABORTED, "aborted", f"aborted after update domain {wave}")
+    return None
 
 
 def _claim_host(

@@ -98,6 +98,21 @@ class RunbookConfig(_Strict):
     description: str = Field(default="", max_length=500)
     # Parameter name -> regular expression the whole value must match.
     params: dict[str, str] = Field(default_factory=dict, max_length=32)
+    # Optional health check run after each host's cycle (environment MAINTCTL_HOST, ...): the
+    # gate between update domains waits until it exits 0. A fixed argv, no parameters.
+    check: list[str] | None = Field(default=None, min_length=1, max_length=64)
+
+    @field_validator("check")
+    @classmethod
+    def _check_elements(cls, check: list[str] | None) -> list[str] | None:
+        if check is None:
+            return None
+        for element in check:
+            if not element or "\x00" in element or len(element) > 4096:
+                raise ValueError("check elements must be non-empty strings without NUL bytes")
+            if PLACEHOLDER.match(element):
+                raise ValueError("check takes no parameters")
+        return check
 
     @field_validator("argv")
     @classmethod

@@ -60,7 +60,10 @@ def _request(body: JobCreate) -> job_service.JobRequest:
         all_hosts=body.hosts == "all",
         labels=body.labels,
         rollout=RolloutPolicy(
-            body.max_failed_hosts, body.continue_on_failure, body.wave_pause_seconds
+            body.max_failed_hosts,
+            body.continue_on_failure,
+            body.wave_pause_seconds,
+            body.gate_timeout_seconds,
         ),
         runbook=body.runbook,
         params=body.params,

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from controller.cycle.gate import GateResult
 from controller.cycle.guest_ops import PauseResult, WallClock, pause_ms
 from controller.cycle.outbox import (
     AddEvent,
@@ -415,6 +416,20 @@ def wave_started(job_id: int, wave: int, hosts: list[str]) -> AddEvent:
         utcnow(),
         job_id,
         details={"wave": wave, "hosts": hosts},
+    )
+
+
+def gate_recorded(job_id: int, wave: int, gate: GateResult) -> AddEvent:
+    if gate.passed:
+        message = f"update domain {wave} healthy ({gate.guests} guest(s) checked)"
+    else:
+        message = f"update domain {wave} unhealthy after {gate.waited_s:.1f} s: {gate.detail}"
+    return AddEvent(
+        "gate_passed" if gate.passed else "gate_failed",
+        message[:2000],
+        utcnow(),
+        job_id,
+        details={"wave": wave, "waited_s": round(gate.waited_s, 3), "guests": gate.guests},
     )
 
 

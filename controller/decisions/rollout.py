@@ -24,6 +24,7 @@ class RolloutPolicy:
     max_failed_hosts: int = 0
     continue_on_failure: bool = False
     wave_pause_seconds: float = 0.0  # wait between update domains (time to see trouble)
+    gate_timeout_seconds: float = 60.0  # how long the health gate between domains may wait
 
     @classmethod
     def of(cls, stored: Mapping[str, Any]) -> RolloutPolicy:
@@ -31,6 +32,7 @@ class RolloutPolicy:
             max_failed_hosts=int(stored.get("max_failed_hosts", 0)),
             continue_on_failure=bool(stored.get("continue_on_failure", False)),
             wave_pause_seconds=float(stored.get("wave_pause_seconds", 0.0)),
+            gate_timeout_seconds=float(stored.get("gate_timeout_seconds", 60.0)),
         )
 
     def stored(self) -> dict[str, Any]:

@@ -79,6 +79,10 @@ class Hypervisor(Protocol):
     def guest_time_ns(self, uuid: str) -> int:
         """Read the guest clock through the agent."""
 
+    def guest_ping(self, uuid: str, timeout_seconds: int) -> None:
+        """guest-ping through the agent: returns if it answered; raises AgentUnavailable if it
+        did not, Unsupported if the guest (or driver) has no agent at all."""
+
     def close(self) -> None: ...
 
 

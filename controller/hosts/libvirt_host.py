@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from xml.etree import ElementTree
 
 import libvirt
+from libvirt_qemu import qemuAgentCommand
 
 from controller.errors import (
     AgentUnavailable,
@@ -280,6 +281,12 @@ class LibvirtHost:
     def guest_time_ns(self, uuid: str) -> int:
         t = self._call(uuid, "get time", lambda d: d.getTime())
         return int(t["seconds"]) * 1_000_000_000 + int(t["nseconds"])
+
+    def guest_ping(self, uuid: str, timeout_seconds: int) -> None:
+        command = '{"execute": "guest-ping"}'
+        self._call(
+            uuid, "ping the agent of", lambda d: qemuAgentCommand(d, command, timeout_seconds, 0)
+        )
 
     def close(self) -> None:
         # A connect stuck on a hung libvirtd holds the lock: give up on it rather than hang.

@@ -305,6 +305,7 @@ def test_a_job_keeps_its_rollout_policy(api):
         "max_failed_hosts": 2,
         "continue_on_failure": True,
         "wave_pause_seconds": 0.0,
+        "gate_timeout_seconds": 60.0,
     }
     assert api.post("/api/v1/jobs", json={**JOB, "max_failed_hosts": -1}).status_code == 422
     r = api.post("/api/v1/jobs", json=JOB | {"not_before": future(3600)})
@@ -312,4 +313,5 @@ def test_a_job_keeps_its_rollout_policy(api):
         "max_failed_hosts": 0,
         "continue_on_failure": False,
         "wave_pause_seconds": 0.0,
+        "gate_timeout_seconds": 60.0,
     }

@@ -25,7 +25,15 @@ def h(db_url, test_driver):
             {"name": n, "uri": TEST_URI, "sync_clock": False, "update_domain": d}
             for d, n in enumerate(HOSTS)
         ],
-        runbooks={"patch": {"argv": FAIL_ON_H2, "timeout_seconds": 5}},
+        runbooks={
+            "patch": {"argv": FAIL_ON_H2, "timeout_seconds": 5},
+            "checked": {"argv": ["true"], "timeout_seconds": 5, "check": ["true"]},
+            "unhealthy": {
+                "argv": ["true"],
+                "timeout_seconds": 5,
+                "check": ["sh", "-c", "echo not ready on $MAINTCTL_HOST >&2; exit 3"],
+            },
+        },
     )
     return make_harness(db_url, settings)
 
@@ -72,6 +80,7 @@ def test_continue_on_failure_tries_every_host_and_still_fails_the_job(h):
         "max_failed_hosts": 0,
         "continue_on_failure": True,
         "wave_pause_seconds": 0.0,
+        "gate_timeout_seconds": 60.0,
     }
     waves = [(e.kind, e.details["wave"]) for e in out.events if e.kind.startswith("wave_")]
     assert waves == [(k, w) for w in range(3) for k in ("wave_started", "wave_finished")]
@@ -91,3 +100,29 @@ def test_a_wave_pause_separates_update_domains(h):
         first, last = s.get_one(Job, out.job.id).items
         gap = (last.started_at - first.finished_at).total_seconds()
     assert gap >= 1.0, gap
+
+
+def test_the_health_gate_checks_each_finished_wave_before_the_next(h):
+    out = run(h, hosts=["h1", "h2", "h3"], runbook="checked")
+    assert out.job.state == "succeeded"
+    gates = [
+        (e.kind, e.details["wave"], e.details["guests"]) for e in out.events if "gate" in e.kind
+    ]
+    # Between domains 0-1 and 1-2 (none after the last); each checked the wave's one guest, td-a.
+    assert gates == [("gate_passed", 0, 1), ("gate_passed", 1, 1)]
+
+
+def test_a_failed_health_gate_halts_the_rollout_after_its_timeout(h):
+    out = run(
+        h,
+        hosts=["h1", "h2", "h3"],
+        runbook="unhealthy",
+        rollout=RolloutPolicy(gate_timeout_seconds=1.5),
+    )
+    assert (out.job.state, out.job.reason) == ("failed", "gate_failed")
+    assert "check on h1 exited 3: not ready on h1" in (out.job.detail or "")
+    assert "2 later host(s) skipped" in (out.job.detail or "")
+    (gate,) = [e for e in out.events if e.kind == "gate_failed"]
+    assert 1.5 <= gate.details["waited_s"] < 10
+    items = _items(h, out.job.id)
+    assert [items[n][0] for n in ("h1", "h2", "h3")] == ["done", "skipped", "skipped"]

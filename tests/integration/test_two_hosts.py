@@ -33,6 +33,10 @@ def test_hosts_are_maintained_by_update_domain(bed_guests, second_host, sqlite_u
         g.paused_at for g in by_host["system"]
     )
     assert all(g.sync_outcome == "ok" for g in out.job.guests)
+    # The health gate between the domains pinged each real guest of domain 0 through its agent.
+    (gate,) = [e for e in out.events if e.kind.startswith("gate_")]
+    assert (gate.kind, gate.details["wave"]) == ("gate_passed", 0), gate.message
+    assert gate.details["guests"] == len(session_guests)
     hosts_in_order = [e.host for e in out.events if e.kind == "pausing"]
     assert hosts_in_order == ["session", "system"]
     assert session_bed.counter(session_guests[0].name) >= 1

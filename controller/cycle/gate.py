@@ -1,0 +1,117 @@
+"""The health gate between update domains: a finished wave must be healthy before the next starts.
+
+Every guest maintctl resumed on the wave's hosts must be running and, where it has a guest agent,
+answer guest-ping; the runbook's optional `check` argv must exit 0 for each of those hosts. The
+gate tries again every second until all of that holds or `gate_timeout_seconds` have passed,
+then fails naming what was still wrong. No guest is paused while the gate runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from controller.cycle.runtime import EngineContext, HostRef, JobSpec
+from controller.errors import AgentUnavailable, HypervisorError, Unsupported
+from controller.hosts.hypervisor import GuestState
+from controller.hosts.runbooks import runbook_env
+from controller.settings import RunbookConfig
+from controller.store.db import unit_of_work
+from controller.store.models import JobGuest
+
+GATE_RETRY_SECONDS = 1.0
+CHECK_TIMEOUT_SECONDS = 30.0
+DRAIN_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    detail: str  # what was still wrong when it failed
+    waited_s: float
+    guests: int  # how many guests it checked
+
+
+def health_gate(
+    ctx: EngineContext,
+    spec: JobSpec,
+    hosts: list[HostRef],
+    runbook: RunbookConfig,
+    *,
+    timeout: float,
+    abort: threading.Event,
+) -> GateResult:
+    started = time.monotonic()
+    ctx.outbox.drain(timeout=DRAIN_SECONDS)  # the wave's guest records
+    names = {h.name: h for h in hosts}
+    with unit_of_work(ctx.session_factory) as s:
+        guests = s.execute(
+            select(JobGuest.host, JobGuest.guest, JobGuest.guest_uuid).where(
+                JobGuest.job_id == spec.id,
+                JobGuest.host.in_(list(names)),
+                JobGuest.status == "resumed",
+            )
+        ).all()
+    deadline = started + timeout
+    while True:
+        problems = [
+            p
+            for host, guest, uuid in guests
+            if (p := _guest_problem(ctx, names[host], guest, uuid)) is not None
+        ]
+        if runbook.check is not None:
+            problems += [
+                p
+                for host in hosts
+                if (p := _check_problem(ctx, spec, host, runbook.check, deadline)) is not None
+            ]
+        waited = time.monotonic() - started
+        if not problems:
+            return GateResult(True, "", waited, len(guests))
+        if time.monotonic() >= deadline or abort.wait(GATE_RETRY_SECONDS):
+            return GateResult(False, "; ".join(problems)[:2000], waited, len(guests))
+
+
+def _guest_problem(ctx: EngineContext, host: HostRef, guest: str, uuid: str) -> str | None:
+    hv = ctx.hypervisors.get(host.uri)
+    try:
+        state, reason = hv.state(uuid)
+        if state is not GuestState.RUNNING:
+            return f"{guest} on {host.name} is {state.value} ({reason})"
+        hv.guest_ping(uuid, ctx.settings.maintenance.agent_timeout_seconds)
+    except Unsupported:
+        return None  # no guest agent: running is all that can be asked
+    except AgentUnavailable as exc:
+        return f"{guest} on {host.name}: the guest agent does not answer ({exc})"
+    except HypervisorError as exc:
+        return f"{guest} on {host.name}: {exc}"
+    return None
+
+
+def _check_problem(
+    ctx: EngineContext, spec: JobSpec, host: HostRef, check: list[str], deadline: float
+) -> str | None:
+    env = runbook_env(
+        {
+            "MAINTCTL_JOB_ID": str(spec.id),
+            "MAINTCTL_HOST": host.name,
+            "MAINTCTL_HOST_URI": host.uri,
+        }
+    )
+    limit = max(1.0, min(CHECK_TIMEOUT_SECONDS, deadline - time.monotonic()))
+    try:
+        done = subprocess.run(
+            check, env=env, capture_output=True, timeout=limit, check=False, text=True
+        )
+    except subprocess.TimeoutExpired:
+        return f"check on {host.name} still running after {limit:.0f} s"
+    except OSError as exc:
+        return f"check on {host.name} cannot start: {exc}"
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        return f"check on {host.name} exited {done.returncode}: {said[0][:200]}".rstrip(": ")
+    return None
