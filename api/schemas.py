@@ -149,6 +149,9 @@ class PlannedGuestPublic(_Out):
 class PlannedWavePublic(_Out):
     update_domain: int
     hosts: list[str]
+    predicted_pause_ms: dict[str, float | None] = Field(
+        description="Per host: the median of this runbook's recent pauses there, if any"
+    )
 
 
 class PlanPublic(_Out):

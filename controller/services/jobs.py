@@ -221,6 +221,8 @@ class PlannedGuest:
 class PlannedWave:
     update_domain: int
     hosts: list[str]
+    # Median of this runbook's recent pauses on each host (None: no history there yet).
+    predicted_pause_ms: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -255,8 +257,8 @@ def plan(
         guests += [
             PlannedGuest(host.name, g.name, "skip", why) for g, why in p.skipped + p.blockers
         ]
-    rows = session.scalars(
-        select(JobGuest.pause_ms)
+    rows = session.execute(
+        select(JobGuest.host, JobGuest.pause_ms)
         .join(Job, Job.id == JobGuest.job_id)
         .where(
             Job.runbook == req.runbook,
@@ -266,10 +268,23 @@ def plan(
         .order_by(JobGuest.id.desc())
         .limit(200)
     )
-    history = [ms for ms in rows if ms is not None]
+    per_host: dict[str, list[float]] = {}
+    for host_name, ms in rows:
+        if ms is not None:
+            per_host.setdefault(host_name, []).append(ms)
+    history = [ms for values in per_host.values() for ms in values]
     predicted = round(statistics.median(history), 3) if history else None
     waves = [
-        PlannedWave(wave[0].update_domain, [h.name for h in wave])
+        PlannedWave(
+            wave[0].update_domain,
+            [h.name for h in wave],
+            {
+                h.name: round(statistics.median(per_host[h.name]), 3)
+                if h.name in per_host
+                else None
+                for h in wave
+            },
+        )
         for wave in update_domain_waves(hosts)
     ]
     return Plan([h.name for h in ordered], guests, budget, predicted, len(history), waves)

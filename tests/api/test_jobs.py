@@ -263,7 +263,11 @@ def test_hosts_selected_by_labels_or_all_and_a_dry_run_shows_the_waves(api):
     plan = api.post("/api/v1/jobs", json={"hosts": "all", "runbook": "noop", "dry_run": True})
     assert plan.status_code == 200, plan.text
     waves = plan.json()["waves"]
-    assert waves[-1] == {"update_domain": 3, "hosts": ["lab1"]}
+    assert waves[-1] == {
+        "update_domain": 3,
+        "hosts": ["lab1"],
+        "predicted_pause_ms": {"lab1": None},
+    }
     assert sorted(h for w in waves for h in w["hosts"]) == sorted(listed)
 
     r = api.post(

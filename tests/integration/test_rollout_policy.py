@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from controller.decisions.rollout import RolloutPolicy
+from controller.services.jobs import JobRequest, plan
 from controller.settings import Settings
 from controller.store.db import unit_of_work
 from controller.store.models import Job, JobHost
@@ -126,3 +127,16 @@ def test_a_failed_health_gate_halts_the_rollout_after_its_timeout(h):
     assert 1.5 <= gate.details["waited_s"] < 10
     items = _items(h, out.job.id)
     assert [items[n][0] for n in ("h1", "h2", "h3")] == ["done", "skipped", "skipped"]
+
+
+def test_the_dry_run_predicts_each_hosts_pause_from_its_own_history(h):
+    done = run(h, hosts=["h1", "h3"], runbook="checked")
+    assert done.job.state == "succeeded"
+    with unit_of_work(h.session_factory) as s:
+        paused = {
+            g.host: g.pause_ms for g in s.get_one(Job, done.job.id).guests if g.pause_ms is not None
+        }
+        p = plan(s, h.settings, h.ctx.hypervisors, JobRequest(hosts=HOSTS, runbook="checked"))
+    by_host = {name: ms for w in p.waves for name, ms in w.predicted_pause_ms.items()}
+    assert by_host == {"h1": paused["h1"], "h2": None, "h3": paused["h3"]}
+    assert all(ms > 0 for ms in paused.values())
