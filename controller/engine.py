@@ -35,7 +35,7 @@ from controller.cycle.runtime import ActiveJobs as ActiveJobs
 from controller.cycle.runtime import EngineContext as EngineContext
 from controller.cycle.runtime import HostRef, JobSpec
 from controller.decisions.preflight import admit, classify_guests
-from controller.decisions.rollout import host_order
+from controller.decisions.rollout import update_domain_waves
 from controller.decisions.states import JobState
 from controller.decisions.verdicts import (
     HostResult,
@@ -157,49 +157,48 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
 
     warnings: list[str] = []
     failed: list[str] = []
-    ordered = host_order(hosts)
-    wave: int | None = None
-    wave_failed: list[str] = []
-    wave_done: list[HostRef] = []
-    for position, host in enumerate(ordered):
-        if abort.is_set():
-            return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
-        if host.update_domain != wave:
-            if wave is not None:
-                ctx.outbox.submit(wave_finished(spec.id, wave, wave_failed))
-                verdict = _between_waves(
-                    ctx, spec, runbook, wave, wave_done, abort, failed, left=len(ordered) - position
+    waves = update_domain_waves(hosts)
+    left = len(hosts)  # hosts not started yet
+    for number, wave in enumerate(waves):
+        domain = wave[0].update_domain
+        ctx.outbox.submit(wave_started(spec.id, domain, [h.name for h in wave]))
+        wave_failed: list[str] = []
+        wave_done: list[HostRef] = []
+        for host in wave:
+            if abort.is_set():
+                return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
+            left -= 1
+            lease = keeper.lease
+            if lease is None or lease.host != host.name:
+                lease = _claim_host(ctx, spec, host, keeper, abort)
+                if lease is None:
+                    detail = f"aborted waiting for {host.name}"
+                    return Verdict(JobState.ABORTED, "aborted", detail)
+            result = HostCycle(ctx, spec, host, runbook, argv, abort, keeper).run()
+            keeper.release()
+            if keeper.lost.is_set():
+                detail = (
+                    f"the lease on {host.name} was taken over by reconciliation (this controller "
+                    "could not renew it in time); the guests of that host are no longer this job's"
                 )
-                if verdict is not None:
-                    return verdict
-            wave, wave_failed, wave_done = host.update_domain, [], []
-            names = [h.name for h in ordered if h.update_domain == wave]
-            ctx.outbox.submit(wave_started(spec.id, wave, names))
-        lease = keeper.lease
-        if lease is None or lease.host != host.name:
-            lease = _claim_host(ctx, spec, host, keeper, abort)
-            if lease is None:
-                return Verdict(JobState.ABORTED, "aborted", f"aborted waiting for {host.name}")
-        result = HostCycle(ctx, spec, host, runbook, argv, abort, keeper).run()
-        keeper.release()
-        if keeper.lost.is_set():
-            detail = (
-                f"the lease on {host.name} was taken over by reconciliation (this controller "
-                "could not renew it in time); the guests of that host are no longer this job's"
+                return Verdict(JobState.FAILED, "lease_lost", detail)
+            ctx.outbox.submit(item_finished(lease, result))
+            warnings += result.warnings
+            if result.failure and result.failure != "aborted":
+                failed.append(f"{host.name} ({result.failure})")
+                wave_failed.append(host.name)
+            elif not result.failure:
+                wave_done.append(host)
+            verdict = stopping_verdict(result, failed, spec.rollout, left=left)
+            if verdict is not None:
+                return verdict
+        ctx.outbox.submit(wave_finished(spec.id, domain, wave_failed))
+        if number + 1 < len(waves):
+            verdict = _between_waves(
+                ctx, spec, runbook, domain, wave_done, abort, failed, left=left
             )
-            return Verdict(JobState.FAILED, "lease_lost", detail)
-        ctx.outbox.submit(item_finished(lease, result))
-        warnings += result.warnings
-        if result.failure and result.failure != "aborted":
-            failed.append(f"{host.name} ({result.failure})")
-            wave_failed.append(host.name)
-        elif not result.failure:
-            wave_done.append(host)
-        verdict = stopping_verdict(result, failed, spec.rollout, left=len(ordered) - position - 1)
-        if verdict is not None:
-            return verdict
-    if wave is not None:
-        ctx.outbox.submit(wave_finished(spec.id, wave, wave_failed))
+            if verdict is not None:
+                return verdict
     return success_verdict(warnings, failed, spec.rollout)
 
 

@@ -154,19 +154,22 @@ def start_notice(session: Session, job_id: int, host: str, until: datetime, now:
     return result.rowcount == 1
 
 
-def _held_by(lease: Lease) -> list[Any]:
+def _held(item_id: int, owner: str, epoch: int) -> list[Any]:
     return [
-        JobHost.id == lease.item_id,
-        JobHost.owner == lease.owner,
-        JobHost.epoch == lease.epoch,
+        JobHost.id == item_id,
+        JobHost.owner == owner,
+        JobHost.epoch == epoch,
         JobHost.state.in_(HELD),
     ]
 
 
+def _held_by(lease: Lease) -> list[Any]:
+    return _held(lease.item_id, lease.owner, lease.epoch)
+
+
 def still_held(session: Session, item_id: int, owner: str, epoch: int) -> bool:
     """Whether the item is still held by this owner at this epoch (not taken over, not ended)."""
-    lease = Lease(item_id, 0, "", owner, epoch, utcnow())
-    return session.scalar(select(JobHost.id).where(*_held_by(lease))) is not None
+    return session.scalar(select(JobHost.id).where(*_held(item_id, owner, epoch))) is not None
 
 
 def renew(
