@@ -20,10 +20,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from bench.pause import RUNBOOKS, Sample, maintctl_context, maintctl_cycle
+from bench.pause import RUNBOOKS, Sample, boot_guests, maintctl_context, maintctl_cycle
 from controller.store.db import unit_of_work
 from controller.store.models import Job
-from tests.testbed import SYSTEM_URI, TestBed
+from tests.testbed import TestBed
 
 
 def watch(bed: TestBed, names: list[str], seconds: float) -> dict[str, list[tuple[float, float]]]:
@@ -44,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch", type=float, default=3.0, help="seconds to watch after a cycle")
     args = parser.parse_args(argv)
 
-    bed = TestBed(SYSTEM_URI)
-    bed.cleanup_stale()
-    names = [f"mtbed-bench-{i}" for i in range(1, args.guests + 1)]
-    print(f"booting {len(names)} guests ...", file=sys.stderr)
-    bed.boot(names)
-    time.sleep(3)
+    bed, names = boot_guests(args.guests)
     flagged = 0
     try:
         with tempfile.TemporaryDirectory() as tmp:

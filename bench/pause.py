@@ -235,6 +235,17 @@ def table(rows: list[dict[str, float | str]]) -> str:
     return "\n".join(lines)
 
 
+def boot_guests(count: int) -> tuple[TestBed, list[str]]:
+    """Boot `count` fresh test-bed guests for a benchmark (the caller cleans up with the bed)."""
+    bed = TestBed(SYSTEM_URI)
+    bed.cleanup_stale()
+    names = [f"mtbed-bench-{i}" for i in range(1, count + 1)]
+    print(f"booting {len(names)} guests ...", file=sys.stderr)
+    bed.boot(names)
+    time.sleep(3)  # let the guests settle after boot
+    return bed, names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pause")
     parser.add_argument("--guests", type=int, default=8)
@@ -242,12 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    bed = TestBed(SYSTEM_URI)
-    bed.cleanup_stale()
-    names = [f"mtbed-bench-{i}" for i in range(1, args.guests + 1)]
-    print(f"booting {len(names)} guests ...", file=sys.stderr)
-    bed.boot(names)
-    time.sleep(3)  # let the guests settle after boot
+    bed, names = boot_guests(args.guests)
     samples: list[Sample] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
