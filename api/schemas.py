@@ -78,6 +78,22 @@ class JobCreate(_In):
         le=3600,
         description="How long the health gate after an update domain may wait before it fails",
     )
+    max_parallel_hosts: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="Hosts of one update domain maintained at once (default: all of the domain)",
+    )
+    max_paused_per_availability_set: int | None = Field(
+        default=None,
+        ge=1,
+        le=100000,
+        description=(
+            "Guests of one availability set (libvirt metadata <maintctl:maintenance "
+            "availability-set=...>) paused at once across all hosts; may split a domain into "
+            "smaller batches"
+        ),
+    )
     dry_run: bool = False
 
 
@@ -127,7 +143,12 @@ class JobPublic(_Out):
     busy_guests: str
     pause_budget_seconds: float
     notice_seconds: float
-    rollout: dict[str, Any] = Field(description="max_failed_hosts, continue_on_failure")
+    rollout: dict[str, Any] = Field(
+        description=(
+            "max_failed_hosts, continue_on_failure, wave_pause_seconds, gate_timeout_seconds, "
+            "max_parallel_hosts, max_paused_per_availability_set"
+        )
+    )
     not_before: Timestamp | None
     not_after: Timestamp | None
     created_by: str
@@ -151,6 +172,15 @@ class PlannedWavePublic(_Out):
     hosts: list[str]
     predicted_pause_ms: dict[str, float | None] = Field(
         description="Per host: the median of this runbook's recent pauses there, if any"
+    )
+    batches: list[list[str]] = Field(
+        description=(
+            "The domain's hosts as they would run: batch after batch, the hosts of one batch at "
+            "once (max_parallel_hosts, max_paused_per_availability_set)"
+        )
+    )
+    refused: dict[str, str] = Field(
+        description="Hosts that cannot run within max_paused_per_availability_set, and why"
     )
 
 

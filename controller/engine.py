@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import select
 
@@ -23,6 +26,7 @@ from controller.cycle.recording import (
     HostRecorder,
     gate_recorded,
     item_finished,
+    item_not_started,
     job_finished,
     record_host_waiting,
     wave_finished,
@@ -35,7 +39,7 @@ from controller.cycle.runtime import ActiveJobs as ActiveJobs
 from controller.cycle.runtime import EngineContext as EngineContext
 from controller.cycle.runtime import HostRef, JobSpec
 from controller.decisions.preflight import admit, classify_guests
-from controller.decisions.rollout import update_domain_waves
+from controller.decisions.rollout import update_domain_waves, wave_batches
 from controller.decisions.states import JobState
 from controller.decisions.verdicts import (
     HostResult,
@@ -106,8 +110,10 @@ def run_job(*, job_id: int, ctx: EngineContext, lease: Lease | None = None) -> J
     try:
         try:
             verdict = _run(job_id, ctx, abort, keeper)
+            _skip_unstarted(ctx, keeper, verdict)
         except JobFailed as exc:
             verdict = Verdict(JobState.FAILED, exc.reason, exc.detail)
+            _skip_unstarted(ctx, keeper, verdict)
         except Exception as exc:
             if is_database_outage(exc):
                 detail = f"the database did not answer before the guests were paused: {exc}"
@@ -123,6 +129,16 @@ def run_job(*, job_id: int, ctx: EngineContext, lease: Lease | None = None) -> J
     finally:
         keeper.stop()
         ctx.active.remove(job_id)
+
+
+def _skip_unstarted(ctx: EngineContext, keeper: LeaseKeeper, verdict: Verdict) -> None:
+    """Items claimed ahead (with the job, or in a batch being claimed) whose cycle never
+    started end skipped. After an unexpected error, held items are left to reconciliation
+    instead: guests may be paused there."""
+    for lease in keeper.held:
+        reason = verdict.state.value + (f" ({verdict.reason})" if verdict.reason else "")
+        ctx.outbox.submit(item_not_started(lease, reason))
+        keeper.release(lease.host)
 
 
 def _final_state(ctx: EngineContext, job_id: int, asked: JobState) -> JobState:
@@ -164,32 +180,42 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
         ctx.outbox.submit(wave_started(spec.id, domain, [h.name for h in wave]))
         wave_failed: list[str] = []
         wave_done: list[HostRef] = []
-        for host in wave:
+        plan = wave_batches(wave, spec.rollout, _availability_sets(ctx, spec, wave))
+        refused = [h for h in wave if h.name in plan.refused]
+        for batch in ([[h] for h in refused]) + plan.batches:
             if abort.is_set():
-                return Verdict(JobState.ABORTED, "aborted", f"aborted before {host.name}")
-            left -= 1
-            lease = keeper.lease
-            if lease is None or lease.host != host.name:
-                lease = _claim_host(ctx, spec, host, keeper, abort)
-                if lease is None:
-                    detail = f"aborted waiting for {host.name}"
-                    return Verdict(JobState.ABORTED, "aborted", detail)
-            result = HostCycle(ctx, spec, host, runbook, argv, abort, keeper).run()
-            keeper.release()
-            if keeper.lost.is_set():
+                names = ", ".join(h.name for h in batch)
+                return Verdict(JobState.ABORTED, "aborted", f"aborted before {names}")
+            left -= len(batch)
+            leases = _claim_batch(ctx, spec, batch, keeper, abort)
+            if leases is None:
+                names = ", ".join(h.name for h in batch)
+                return Verdict(JobState.ABORTED, "aborted", f"aborted waiting for {names}")
+            if batch[0].name in plan.refused:
+                results = [HostResult("availability_set_limit", plan.refused[batch[0].name])]
+            else:
+                results = _run_batch(ctx, spec, batch, runbook, argv, abort, keeper)
+            lost = [h.name for h in batch if keeper.lost_on(h.name)]
+            for host, lease, result in zip(batch, leases, results, strict=True):
+                keeper.release(host.name)
+                if host.name not in lost:
+                    ctx.outbox.submit(item_finished(lease, result))
+            if lost:
                 detail = (
-                    f"the lease on {host.name} was taken over by reconciliation (this controller "
-                    "could not renew it in time); the guests of that host are no longer this job's"
+                    f"the lease on {', '.join(lost)} was taken over by reconciliation (this "
+                    "controller could not renew it in time); the guests of that host are no "
+                    "longer this job's"
                 )
                 return Verdict(JobState.FAILED, "lease_lost", detail)
-            ctx.outbox.submit(item_finished(lease, result))
-            warnings += result.warnings
-            if result.failure and result.failure != "aborted":
-                failed.append(f"{host.name} ({result.failure})")
-                wave_failed.append(host.name)
-            elif not result.failure:
-                wave_done.append(host)
-            verdict = stopping_verdict(result, failed, spec.rollout, left=left)
+            verdict = None
+            for host, result in zip(batch, results, strict=True):
+                warnings += result.warnings
+                if result.failure and result.failure != "aborted":
+                    failed.append(f"{host.name} ({result.failure})")
+                    wave_failed.append(host.name)
+                elif not result.failure:
+                    wave_done.append(host)
+                verdict = verdict or stopping_verdict(result, failed, spec.rollout, left=left)
             if verdict is not None:
                 return verdict
         ctx.outbox.submit(wave_finished(spec.id, domain, wave_failed))
@@ -200,6 +226,74 @@ def _run(job_id: int, ctx: EngineContext, abort: threading.Event, keeper: LeaseK
             if verdict is not None:
                 return verdict
     return success_verdict(warnings, failed, spec.rollout)
+
+
+def _availability_sets(
+    ctx: EngineContext, spec: JobSpec, wave: list[HostRef]
+) -> dict[str, Counter[str]] | None:
+    """Per host of the wave, how many of the guests it would pause are in each availability set
+    (only when the job limits them). A host that cannot be listed counts none here: its own
+    cycle fails it before anything is paused."""
+    if spec.rollout.max_paused_per_availability_set is None:
+        return None
+
+    def count(host: HostRef) -> Counter[str]:
+        try:
+            guests = ctx.hypervisors.get(host.uri).list_guests()
+        except HypervisorError:
+            return Counter()
+        plan = classify_guests(guests, exclude=spec.exclude_guests, busy=spec.busy)
+        return Counter(g.availability_set for g in plan.targets if g.availability_set)
+
+    return dict(zip((h.name for h in wave), ctx.pool.map(count, wave), strict=True))
+
+
+def _run_batch(
+    ctx: EngineContext,
+    spec: JobSpec,
+    batch: list[HostRef],
+    runbook: RunbookConfig,
+    argv: list[str],
+    abort: threading.Event,
+    keeper: LeaseKeeper,
+) -> list[HostResult]:
+    """Maintain the batch's hosts at once: every host is prepared (listed, recorded, its
+    guardian started) before any guest of the batch is paused, so that no host's database
+    writes wait behind another host's pause window."""
+    cycles = [HostCycle(ctx, spec, host, runbook, argv, abort, keeper) for host in batch]
+    if len(cycles) == 1:
+        return [cycles[0].run()]
+    prepared = _all_at_once([c.prepare for c in cycles])
+    ready = [c for c, early in zip(cycles, prepared, strict=True) if early is None]
+    maintained = iter(_all_at_once([c.maintain for c in ready]))
+    return [early if early is not None else next(maintained) for early in prepared]
+
+
+T = TypeVar("T")
+
+
+def _all_at_once(calls: list[Callable[[], T]]) -> list[T]:
+    """Run each call on a thread of its own and wait for all; then raise the first error."""
+    results: list[T | None] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # re-raised below, once every host has ended
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(i,), name=f"host-{i}", daemon=True)
+        for i in range(len(calls))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
 
 
 def _between_waves(
@@ -232,6 +326,24 @@ def _between_waves(
     if abort.wait(spec.rollout.wave_pause_seconds):
         return Verdict(JobState.ABORTED, "aborted", f"aborted after update domain {wave}")
     return None
+
+
+def _claim_batch(
+    ctx: EngineContext,
+    spec: JobSpec,
+    batch: list[HostRef],
+    keeper: LeaseKeeper,
+    abort: threading.Event,
+) -> list[Lease] | None:
+    """Claim the job's items of these hosts (one may be held already: claimed with the job),
+    waiting while another job holds a host; None if aborted meanwhile."""
+    leases = []
+    for host in batch:
+        lease = keeper.lease_of(host.name) or _claim_host(ctx, spec, host, keeper, abort)
+        if lease is None:
+            return None
+        leases.append(lease)
+    return leases
 
 
 def _claim_host(
@@ -294,7 +406,7 @@ class HostCycle:
             self.wall,
             runbook_timeout=runbook.timeout_seconds,
             resume_reserve=self.settings.resume_reserve_seconds,
-            lease_of=lambda: keeper.lease,
+            lease_of=lambda: keeper.lease_of(host.name),
         )
         self.hv: Hypervisor | None = None
         self.hard_at = 0.0  # first pause + budget, monotonic
@@ -307,8 +419,15 @@ class HostCycle:
         self.pause_ms: dict[str, float] = {}
         self._verify_lock = threading.Lock()
         self.guardian: Guardian | None = None
+        self.targets: list[GuestInfo] = []
 
     def run(self) -> HostResult:
+        early = self.prepare()
+        return early if early is not None else self.maintain()
+
+    def prepare(self) -> HostResult | None:
+        """Everything before the first pause: list and classify the guests, record the
+        preflight, start the guardian. A HostResult if the host ends here (nothing paused)."""
         if not self.ctx.outbox.drain(timeout=DRAIN_BEFORE_HOST_SECONDS):
             detail = f"the database does not answer; nothing was paused on {self.host.name}"
             return HostResult("database_unavailable", detail)
@@ -326,13 +445,27 @@ class HostCycle:
         if resolve_program(self.argv) is None:
             detail = f"runbook program {self.argv[0]!r} is not an executable file on this host"
             return HostResult("runbook_not_executable", detail)
-        if plan.targets and not self.keeper.fresh():
+        if plan.targets and not self.keeper.fresh(self.host.name):
             return HostResult(
                 "lease_lost", f"nothing paused: the lease on {self.host.name} is stale"
             )
-        guardian = self.guardian = self._start_guardian(plan.targets)
+        self.targets = plan.targets
         try:
-            return self._maintain(hv, plan.targets, guardian)
+            self.guardian = self._start_guardian(plan.targets)
+        except HypervisorError as exc:
+            return HostResult(
+                "guardian_unavailable", f"refusing to pause without a guardian: {exc}"
+            )
+        return None
+
+    def maintain(self) -> HostResult:
+        """Pause, patch, resume: the prepared host's guests come back whatever happens."""
+        assert self.hv is not None
+        guardian = self.guardian
+        try:
+            if self.abort.is_set():
+                return HostResult("aborted", f"aborted before pausing on {self.host.name}")
+            return self._maintain(self.hv, self.targets, guardian)
         finally:
             self.ctx.outbox.release(self)
             if guardian is not None:
@@ -341,16 +474,11 @@ class HostCycle:
     def _start_guardian(self, targets: list[GuestInfo]) -> Guardian | None:
         if not (targets and self.settings.guardian) or self.host.uri.startswith("test:"):
             return None  # test:/// state lives inside this process; no other process can see it
-        try:
-            return Guardian.start(
-                self.host.uri,
-                self.settings.kill_grace_seconds,
-                call_timeout=self.settings.libvirt_call_timeout_seconds,
-            )
-        except HypervisorError as exc:
-            raise JobFailed(
-                "guardian_unavailable", f"refusing to pause without a guardian: {exc}"
-            ) from None
+        return Guardian.start(
+            self.host.uri,
+            self.settings.kill_grace_seconds,
+            call_timeout=self.settings.libvirt_call_timeout_seconds,
+        )
 
     def _release_guardian(self, guardian: Guardian) -> None:
         """Tell the guardian it is done once every guest of this host is settled, not before."""
@@ -399,7 +527,7 @@ class HostCycle:
 
     def _pause(self, hv: Hypervisor, guest: GuestInfo) -> PauseResult:
         """Pause one guest, but never on a lease that may have expired (fencing)."""
-        if not self.keeper.fresh():
+        if not self.keeper.fresh(self.host.name):
             now = time.monotonic()
             return PauseResult(guest, False, now, now, "not paused: this job's lease is not fresh")
         return pause_one(hv, guest)
@@ -451,8 +579,11 @@ class HostCycle:
             self._settled_all()
         for guest in guests:
             self.tasks[guest.uuid] = self.ctx.resumer.resume(
-                hv, guest.uuid, guest.name, then=self._after_resume, fence=self.keeper.taken_over
+                hv, guest.uuid, guest.name, then=self._after_resume, fence=self._taken_over
             )
+
+    def _taken_over(self) -> bool:
+        return self.keeper.taken_over(self.host.name)
 
     # --- after the resume: each guest's follow-up runs on its own resume thread -------------
 

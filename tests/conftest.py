@@ -216,3 +216,26 @@ def second_host() -> Iterator[tuple[str, TestBed, list[BedGuest]]]:
     yield uri, testbed, guests
     testbed.cleanup_stale()
     testbed.close()
+
+
+def write_test_host(
+    directory: Path, host: str, guests: dict[str, str | None], *, prefix: str = ""
+) -> str:
+    """A host of its own on libvirt's test driver: a node XML file with running guests (name ->
+    availability set or None). Returns its test:/// URI. Each process that opens the URI gets
+    its own copy of the host's state (maintctl keeps one connection per URI)."""
+    domains = []
+    for name, availability_set in guests.items():
+        meta = (
+            ""
+            if availability_set is None
+            else "<metadata><maintctl:maintenance xmlns:maintctl='https://maintctl.dev/xmlns/1' "
+            f"availability-set='{availability_set}'/></metadata>"
+        )
+        domains.append(
+            f"<domain type='test'><name>{prefix}{name}</name><memory>65536</memory>"
+            f"<os><type>hvm</type></os>{meta}</domain>"
+        )
+    path = directory / f"{host}.xml"
+    path.write_text("<node>" + "".join(domains) + "</node>")
+    return f"test://{path}"

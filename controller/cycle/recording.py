@@ -29,6 +29,7 @@ from controller.cycle.outbox import (
 )
 from controller.cycle.resumption import ResumeTask, Settled, SettleKind
 from controller.cycle.runtime import HostRef, JobSpec
+from controller.decisions.states import ItemState
 from controller.decisions.verdicts import BudgetExceeded, HostResult, Verdict, item_state
 from controller.hosts.clock import ClockSync
 from controller.hosts.hypervisor import GuestInfo
@@ -406,6 +407,21 @@ def item_finished(lease: Lease, result: HostResult) -> FinishItem:
         utcnow(),
         result.failure,
         result.detail or None,
+    )
+
+
+def item_not_started(lease: Lease, verdict: str) -> FinishItem:
+    """A host whose item was claimed but whose cycle never started: the job ended first."""
+    return FinishItem(
+        lease.item_id,
+        lease.job_id,
+        lease.host,
+        lease.owner,
+        lease.epoch,
+        ItemState.SKIPPED.value,
+        utcnow(),
+        f"job {verdict}",
+        "claimed, but the job ended before this host was started",
     )
 
 

@@ -14,7 +14,9 @@ from enum import StrEnum
 from typing import Protocol
 
 # The maintctl XML namespace for per-domain settings kept in libvirt domain metadata, e.g.
-# <maintctl:maintenance xmlns:maintctl="https://maintctl.dev/xmlns/1" optout="yes"/>
+# <maintctl:maintenance xmlns:maintctl="https://maintctl.dev/xmlns/1" optout="yes"/>, or
+# availability-set="web": guests of one set are spread over hosts and update domains, and a job
+# can bound how many of them are paused at once (max_paused_per_availability_set).
 METADATA_NAMESPACE = "https://maintctl.dev/xmlns/1"
 METADATA_KEY = "maintctl"
 # libvirt's pause reasons that mean "paused through the API", as maintctl pauses ("unknown" when
@@ -40,6 +42,7 @@ class GuestInfo:
     # The type of an active libvirt job (backup, migration, ...), or None.
     active_job: str | None = None
     opted_out: bool = False
+    availability_set: str | None = None
 
     @property
     def paused_by_user(self) -> bool:

@@ -205,7 +205,7 @@ class LibvirtHost:
                 state=state,
                 reason=reason,
                 active_job=self._active_job(dom) if state is not GuestState.SHUTOFF else None,
-                opted_out=self._opted_out(dom),
+                **self._metadata(dom),
             )
 
     @staticmethod
@@ -226,19 +226,24 @@ class LibvirtHost:
         return None if job_type == libvirt.VIR_DOMAIN_JOB_NONE else _JOB_TYPES.get(job_type, "job")
 
     @staticmethod
-    def _opted_out(dom: libvirt.virDomain) -> bool:
+    def _metadata(dom: libvirt.virDomain) -> dict[str, Any]:
+        """The guest's maintctl settings from its libvirt metadata element (none: defaults)."""
         try:
             xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NAMESPACE, 0)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return False
+                return {}
             raise
         try:
             # Our own element, read back from libvirt; it has no DTD or entities to expand.
             element = ElementTree.fromstring(xml)  # noqa: S314
         except ElementTree.ParseError:
-            return False
-        return element.get("optout", "").lower() in {"yes", "true", "1"}
+            return {}
+        availability_set = element.get("availability-set", "").strip()[:128]
+        return {
+            "opted_out": element.get("optout", "").lower() in {"yes", "true", "1"},
+            "availability_set": availability_set or None,
+        }
 
     def suspend(self, uuid: str) -> bool:
         def _suspend(dom: libvirt.virDomain) -> bool:

@@ -7,6 +7,7 @@ its timer is armed, and an Idempotency-Key must be released when its job could n
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,7 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
-from controller.decisions.rollout import RolloutPolicy, host_order, update_domain_waves
+from controller.decisions.rollout import (
+    RolloutPolicy,
+    host_order,
+    update_domain_waves,
+    wave_batches,
+)
 from controller.decisions.states import JobState, is_terminal
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
@@ -223,6 +229,8 @@ class PlannedWave:
     hosts: list[str]
     # Median of this runbook's recent pauses on each host (None: no history there yet).
     predicted_pause_ms: dict[str, float | None]
+    batches: list[list[str]]  # run one after another, the hosts of one batch at once
+    refused: dict[str, str]  # hosts over the availability-set limit on their own
 
 
 @dataclass(frozen=True)
@@ -247,12 +255,14 @@ def plan(
     hosts, budget = validate(session, settings, req, now=now)
     ordered = host_order(hosts)
     guests: list[PlannedGuest] = []
+    sets: dict[str, Counter[str]] = {}
     for host in ordered:
         try:
             listing = hypervisors.get(host.uri).list_guests()
         except HypervisorError as exc:
             raise Conflict(f"host {host.name} cannot be inspected: {exc}") from None
         p = classify_guests(listing, exclude=req.exclude_guests, busy=req.busy_guests)
+        sets[host.name] = Counter(g.availability_set for g in p.targets if g.availability_set)
         guests += [PlannedGuest(host.name, g.name, "pause", None) for g in p.targets]
         guests += [
             PlannedGuest(host.name, g.name, "skip", why) for g, why in p.skipped + p.blockers
@@ -274,19 +284,23 @@ def plan(
             per_host.setdefault(host_name, []).append(ms)
     history = [ms for values in per_host.values() for ms in values]
     predicted = round(statistics.median(history), 3) if history else None
-    waves = [
-        PlannedWave(
-            wave[0].update_domain,
-            [h.name for h in wave],
-            {
-                h.name: round(statistics.median(per_host[h.name]), 3)
-                if h.name in per_host
-                else None
-                for h in wave
-            },
+    waves = []
+    for wave in update_domain_waves(hosts):
+        split = wave_batches(wave, req.rollout, sets)
+        waves.append(
+            PlannedWave(
+                wave[0].update_domain,
+                [h.name for h in wave],
+                {
+                    h.name: round(statistics.median(per_host[h.name]), 3)
+                    if h.name in per_host
+                    else None
+                    for h in wave
+                },
+                [[h.name for h in batch] for batch in split.batches],
+                split.refused,
+            )
         )
-        for wave in update_domain_waves(hosts)
-    ]
     return Plan([h.name for h in ordered], guests, budget, predicted, len(history), waves)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import CursorResult, case, exists, func, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
+from controller.decisions.rollout import host_order
 from controller.decisions.states import ItemState, JobState, advance, is_terminal
 from controller.store.events import record_event
 from controller.store.models import Host, Job, JobHost, utcnow
@@ -38,8 +39,9 @@ class Lease:
 
 
 def create_items(session: Session, job: Job, hosts: list[Host]) -> None:
-    """One pending item per host of a new job, in the job's host order."""
-    for position, host in enumerate(hosts):
+    """One pending item per host of a new job, in rollout order (update domain, then name):
+    the order the engine starts them in, so the item claimed with the job is its first."""
+    for position, host in enumerate(host_order(hosts)):
         session.add(
             JobHost(
                 job_id=job.id,

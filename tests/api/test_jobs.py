@@ -267,6 +267,8 @@ def test_hosts_selected_by_labels_or_all_and_a_dry_run_shows_the_waves(api):
         "update_domain": 3,
         "hosts": ["lab1"],
         "predicted_pause_ms": {"lab1": None},
+        "batches": [["lab1"]],
+        "refused": {},
     }
     assert sorted(h for w in waves for h in w["hosts"]) == sorted(listed)
 
@@ -310,6 +312,8 @@ def test_a_job_keeps_its_rollout_policy(api):
         "continue_on_failure": True,
         "wave_pause_seconds": 0.0,
         "gate_timeout_seconds": 60.0,
+        "max_parallel_hosts": None,
+        "max_paused_per_availability_set": None,
     }
     assert api.post("/api/v1/jobs", json={**JOB, "max_failed_hosts": -1}).status_code == 422
     r = api.post("/api/v1/jobs", json=JOB | {"not_before": future(3600)})
@@ -318,4 +322,6 @@ def test_a_job_keeps_its_rollout_policy(api):
         "continue_on_failure": False,
         "wave_pause_seconds": 0.0,
         "gate_timeout_seconds": 60.0,
+        "max_parallel_hosts": None,
+        "max_paused_per_availability_set": None,
     }

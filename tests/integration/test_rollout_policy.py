@@ -82,6 +82,8 @@ def test_continue_on_failure_tries_every_host_and_still_fails_the_job(h):
         "continue_on_failure": True,
         "wave_pause_seconds": 0.0,
         "gate_timeout_seconds": 60.0,
+        "max_parallel_hosts": None,
+        "max_paused_per_availability_set": None,
     }
     waves = [(e.kind, e.details["wave"]) for e in out.events if e.kind.startswith("wave_")]
     assert waves == [(k, w) for w in range(3) for k in ("wave_started", "wave_finished")]
