@@ -8,6 +8,7 @@ to the same guest's state waits for it rather than racing it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
@@ -69,6 +70,42 @@ _CONTROL_BUSY = {
     libvirt.VIR_DOMAIN_CONTROL_ERROR: "control_error",
 }
 DEFAULT_CALL_TIMEOUT = 5.0
+# Remote transports get libvirt keepalive: a peer silent for KEEPALIVE_INTERVAL * (COUNT + 1)
+# seconds (a cut link, a dead host) has its connection closed by libvirt, and the next call opens
+# a new one. Local sockets need none: a daemon that dies closes them at once.
+REMOTE_TRANSPORTS = ("+ssh", "+libssh", "+libssh2", "+tls", "+tcp")
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+# After a failed remote connect (an ssh handshake can take seconds to fail), the next one is
+# tried no sooner than this, doubling, capped low: a resume waiting on this host must not wait
+# long once it answers again.
+RECONNECT_BACKOFF_FIRST = 0.25
+RECONNECT_BACKOFF_MAX = 2.0
+
+_events_lock = threading.Lock()
+_events_running = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's default event loop, run on a daemon thread: keepalive needs one. Registered once
+    per process, before the first remote connection is opened."""
+    global _events_running
+    with _events_lock:
+        if _events_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _events_running = True
+
+
+def is_remote(uri: str) -> bool:
+    scheme = uri.partition(":")[0]
+    return any(scheme.endswith(t) for t in REMOTE_TRANSPORTS)
 
 
 def _translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
@@ -104,6 +141,10 @@ class LibvirtHost:
         self._lock = threading.Lock()
         self._state_changes = SerialCalls()
         self._domains: dict[str, tuple[libvirt.virConnect, libvirt.virDomain]] = {}
+        self._remote = is_remote(uri)
+        self._backoff = 0.0
+        self._next_connect = 0.0  # time.monotonic()
+        self._last_error = ""
 
     def _connection(self) -> libvirt.virConnect:
         with self._lock:
@@ -114,14 +155,33 @@ class LibvirtHost:
                 except libvirt.libvirtError:
                     pass
                 self._conn = None
-            try:
-                self._conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
+            now = time.monotonic()
+            if now < self._next_connect:
                 raise HostUnavailable(
-                    f"cannot connect to {self.uri}: {exc.get_error_message() or exc}",
+                    f"cannot connect to {self.uri}: {self._last_error} (next try in "
+                    f"{self._next_connect - now:.2f} s)"
+                )
+            if self._remote:
+                _ensure_event_loop()
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                if self._remote:  # a local socket refuses at once: nothing to spare
+                    self._backoff = min(
+                        RECONNECT_BACKOFF_MAX, max(RECONNECT_BACKOFF_FIRST, self._backoff * 2)
+                    )
+                    self._next_connect = time.monotonic() + self._backoff
+                self._last_error = exc.get_error_message() or str(exc)
+                raise HostUnavailable(
+                    f"cannot connect to {self.uri}: {self._last_error}",
                     code=exc.get_error_code(),
                 ) from None
-            return self._conn
+            self._backoff, self._next_connect = 0.0, 0.0
+            if self._remote:
+                with suppress(libvirt.libvirtError):
+                    conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            self._conn = conn
+            return conn
 
     def _domain(self, uuid: str) -> libvirt.virDomain:
         """The guest's handle, looked up once per connection: every later call on it is one
