@@ -17,6 +17,7 @@ before the first pause, and recovery works from them alone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -40,6 +41,9 @@ from controller.work.lifecycle import Lease, finish, finish_item, still_held
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
+# Batches written per transaction: records queued by many hosts at once cost one commit, not one
+# each. A group the database refuses is retried batch by batch to drop only the bad one.
+GROUP_BATCHES = 64
 
 
 # --- operations: plain data, so that they can be journaled -------------------------------------
@@ -314,12 +318,18 @@ class Outbox:
                 self._wait_for_quiet_end()
                 if not self._queue:
                     return
-                batch = self._queue[0]
+                group = list(itertools.islice(self._queue, GROUP_BATCHES))
             try:
-                self._apply(batch)
+                try:
+                    self._apply(group)
+                except Exception as exc:
+                    if is_database_outage(exc) or len(group) == 1:
+                        raise
+                    group = group[:1]  # find the batch the database refuses: one at a time
+                    self._apply(group)
             except Exception as exc:
                 if not is_database_outage(exc):
-                    log.exception("outbox: dropping a batch the database refuses: %s", batch.ops)
+                    log.exception("outbox: dropping a batch the database refuses: %s", group[0].ops)
                 else:
                     self._note_outage(exc)
                     with self._cond:
@@ -328,9 +338,10 @@ class Outbox:
                         self._cond.wait(self._retry)
                     continue
             with self._cond:
-                self._queue.popleft()
-                self._done += 1
-                batch.applied.set()
+                for batch in group:
+                    self._queue.popleft()
+                    self._done += 1
+                    batch.applied.set()
                 if not self._queue:
                     if self.last_error is not None:
                         log.warning("outbox: the database answers again; backlog written")
@@ -338,15 +349,18 @@ class Outbox:
                     self._remove_journal()
                 self._cond.notify_all()
 
-    def _apply(self, batch: Batch) -> None:
+    def _apply(self, group: list[Batch]) -> None:
+        """Write these batches in one transaction (one commit: the cost that counts on SQLite),
+        each in order; a batch whose fence fails stops there, the next one goes on."""
         with unit_of_work(self._factory) as s:
-            if batch.journaled:
-                if s.get(JournalBatch, batch.id) is not None:
-                    return  # written before a crash, journal not yet removed
-                s.add(JournalBatch(id=batch.id))
-            for op in batch.ops:
-                if not _apply_op(s, op):
-                    break
+            for batch in group:
+                if batch.journaled:
+                    if s.get(JournalBatch, batch.id) is not None:
+                        continue  # written before a crash, journal not yet removed
+                    s.add(JournalBatch(id=batch.id))
+                for op in batch.ops:
+                    if not _apply_op(s, op):
+                        break
 
     def _note_outage(self, exc: BaseException) -> None:
         with self._cond:
