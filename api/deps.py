@@ -59,7 +59,9 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with unit_of_work(get_ctx(request).session_factory) as session:
+    """A GET reads only (tests/api/test_reads_never_write.py): it never waits for a writer."""
+    read_only = request.method in ("GET", "HEAD")
+    with unit_of_work(get_ctx(request).session_factory, read_only=read_only) as session:
         yield session
 
 
@@ -82,7 +84,7 @@ def authorize(
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "missing bearer token", headers=challenge)
-    with unit_of_work(ctx.session_factory) as s:
+    with unit_of_work(ctx.session_factory, read_only=True) as s:
         principal = authenticate(s, credentials.credentials)
     if principal is None:
         raise HTTPException(401, "invalid or revoked token", headers=challenge)

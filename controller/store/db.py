@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,15 +29,92 @@ CONNECT_TIMEOUT_SECONDS = 3
 # starting, 58 system error, 25006 read-only transaction (a standby, or read-only by default).
 _OUTAGE_SQLSTATES = ("08", "53", "57P0", "58", "25006")
 _LOCK_WAIT_LIMITED = "maintctl_lock_wait_limited"
+_LOCK_WAIT_OPTION = "maintctl_lock_wait_ms"
+_READ_ONLY_OPTION = "maintctl_read_only"
+_WRITE_TURN = "maintctl_write_turn"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Transactions are begun by _sqlite_begin, not by the driver.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+class _FairLock:
+    """First come, first served: SQLite's busy handler retries with sleeps, so under many writers
+    one can lose every race for far longer than busy_timeout. Threads of this process queue here
+    instead and SQLite's own lock only has other processes left to arbitrate."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float) -> bool:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            if self._cond.wait_for(lambda: not self._held and self._queue[0] is me, timeout):
+                self._queue.popleft()
+                self._held = True
+                return True
+            self._queue.remove(me)
+            self._cond.notify_all()
+            return False
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
+class _SqliteTransactions:
+    """Every transaction but a read-only one begins IMMEDIATE, taking SQLite's write lock when it
+    starts: a deferred one that reads and then writes after another writer committed fails at
+    once with "database is locked" (a WAL snapshot conflict) whatever the timeout, which is what
+    many hosts maintained at once ran into. Writers of this process take turns on a fair lock
+    first, bounded by the busy timeout (or the session's limit_lock_wait)."""
+
+    def __init__(self) -> None:
+        self.lock = _FairLock()
+
+    def begin(self, conn: Any) -> None:
+        options = conn.get_execution_options()
+        if options.get(_READ_ONLY_OPTION):
+            conn.exec_driver_sql("BEGIN")
+            return
+        limit = options.get(_LOCK_WAIT_OPTION)
+        if limit is not None:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(limit)}")
+            conn.info[_LOCK_WAIT_LIMITED] = True  # _restore_busy_timeout() resets it at checkin
+        wait_ms = SQLITE_BUSY_TIMEOUT_MS if limit is None else int(limit)
+        if not self.lock.acquire(wait_ms / 1000):
+            raise sa_exc.OperationalError(
+                "BEGIN IMMEDIATE",
+                None,
+                sqlite3.OperationalError(f"database is locked (waited {wait_ms} ms in turn)"),
+            )
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+        conn.info[_WRITE_TURN] = True
+
+    def end(self, conn: Any) -> None:
+        if conn.info.pop(_WRITE_TURN, False):
+            self.lock.release()
+
+    def checkin(self, dbapi_connection: Any, record: Any) -> None:
+        """A connection back in the pool holds no turn, however its transaction ended."""
+        if record.info.pop(_WRITE_TURN, False):
+            self.lock.release()
+        _restore_busy_timeout(dbapi_connection, record)
 
 
 def _restore_busy_timeout(dbapi_connection: Any, record: Any) -> None:
@@ -48,8 +128,12 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
+        transactions = _SqliteTransactions()
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "checkin", _restore_busy_timeout)
+        event.listen(engine, "begin", transactions.begin)
+        event.listen(engine, "commit", transactions.end)
+        event.listen(engine, "rollback", transactions.end)
+        event.listen(engine, "checkin", transactions.checkin)
         return engine
     return create_engine(
         url,
@@ -81,13 +165,12 @@ def is_database_outage(exc: BaseException) -> bool:
 
 def limit_lock_wait(session: Session, *, milliseconds: int) -> None:
     """Wait at most this long for locks in the session's transaction: for best-effort writes,
-    which must give up quickly rather than hold up the request they ride on."""
-    conn = session.connection()
+    which must give up quickly rather than hold up the request they ride on.
+    Call it first in the session: on SQLite the limit must be known when the transaction
+    begins (it waits for the write lock then)."""
+    conn = session.connection(execution_options={_LOCK_WAIT_OPTION: int(milliseconds)})
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(milliseconds)}")
-    elif conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(milliseconds)}")
-        conn.info[_LOCK_WAIT_LIMITED] = True  # _restore_busy_timeout() resets it at checkin
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -95,10 +178,16 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One short transaction: commits when the block ends cleanly, rolls back otherwise."""
+def unit_of_work(factory: sessionmaker[Session], *, read_only: bool = False) -> Iterator[Session]:
+    """One short transaction: commits when the block ends cleanly, rolls back otherwise.
+
+    read_only: the block only reads. On SQLite it then begins deferred and never waits for the
+    write lock (WAL readers run beside a writer); elsewhere it changes nothing.
+    """
     session = factory()
     try:
+        if read_only:
+            session.connection(execution_options={_READ_ONLY_OPTION: True})
         yield session
         session.commit()
     except BaseException:
