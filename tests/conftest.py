@@ -23,6 +23,7 @@ from controller.hosts.libvirt_host import LibvirtHost
 from controller.services.inventory import sync_config_hosts
 from controller.settings import DatabaseSettings, Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
+from tests.sshbed import SshHost, ensure_ssh_host
 from tests.testbed import BedGuest, TestBed
 
 PG_URL = os.environ.get(
@@ -216,3 +217,14 @@ def second_host() -> Iterator[tuple[str, TestBed, list[BedGuest]]]:
     yield uri, testbed, guests
     testbed.cleanup_stale()
     testbed.close()
+
+
+@pytest.fixture(scope="session")
+def ssh_host() -> Iterator[SshHost]:
+    """A remote host reached over SSH (tests/sshbed.py): its own sshd on 127.0.0.1 and user
+    maintctl-ssh's session libvirtd; no guest is booted here (TestBed prefix mtssh-)."""
+    host = ensure_ssh_host()
+    host.bed.cleanup_stale()
+    yield host
+    host.bed.cleanup_stale()
+    host.bed.close()
