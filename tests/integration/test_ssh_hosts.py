@@ -256,16 +256,25 @@ def test_the_guardian_cannot_start_without_its_libvirt(ssh_host, target):
 
 
 def test_the_guardian_resumes_by_the_deadline_when_the_link_is_cut(ssh_host, target, guest):
+    """The controller is alive but cut off: the guardian on the host acts at the deadline alone,
+    resuming the guest and killing the runbook's group (TERM, then KILL after the grace)."""
+    grace = 1.0
     hv = LibvirtHost(ssh_host.ssh_uri)
-    guardian = RemoteGuardian.start(target, ssh_host.local_uri, 1.0)
+    guardian = RemoteGuardian.start(target, ssh_host.local_uri, grace)
     _, chain = guardian_chain(ssh_host)
+    # A runbook that heeds no TERM, on the same connection: only the guardian's KILL ends it.
+    proc = SshRunbookProcess(
+        target, ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300"], env={}, output_limit=1024
+    )
     stopped: list[int] = []
     try:
         assert hv.suspend(guest.uuid)
         guardian.watch([guest.uuid])
         deadline = time.time() + 3.0
         guardian.arm(deadline)
+        guardian.runbook(proc.pgid)
         time.sleep(0.3)  # the lines are through sshd before the cut
+        assert len(group_members(proc.pgid)) == 3
         for pid in chain:  # the network between the controller and the host is gone
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
@@ -278,14 +287,26 @@ def test_the_guardian_resumes_by_the_deadline_when_the_link_is_cut(ssh_host, tar
         running_at = wait_state(ssh_host.bed, GUEST, libvirt.VIR_DOMAIN_RUNNING, 5.0)
         assert running_at is not None, "the guardian did not resume the guest"
         late = running_at - deadline
-        print(f"\nremote guardian, link cut: guest running {late:.3f} s after the deadline")
+        assert len(group_members(proc.pgid)) == 3  # TERM changed nothing
+        while group_members(proc.pgid) and time.time() < deadline + grace + 2:
+            time.sleep(POLL_SECONDS)
+        killed = time.time() - deadline
+        print(
+            f"\nremote guardian, link cut: guest running {late:.3f} s after the deadline, "
+            f"runbook group gone {killed:.3f} s after it (grace {grace} s)"
+        )
         assert -0.05 <= late <= 1.0
+        assert group_members(proc.pgid) == {}
+        assert grace <= killed <= grace + 0.5
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     guardian.done()
     assert guardian.resumed_at(guest.uuid) is not None  # told once the link was back
     assert abs(guardian.resumed_at(guest.uuid).timestamp() - running_at) < 0.5
+    now = time.monotonic()
+    result = proc.wait(timeout_at=now + 5, budget_at=now + 5, abort=threading.Event(), grace=1)
+    assert (result.outcome, result.exit_code) == (RunbookOutcome.FAILED, -signal.SIGKILL)
 
 
 CONTROLLER = """
