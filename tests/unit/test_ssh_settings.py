@@ -1,5 +1,7 @@
 """Remote hosts in the config: patch_via = "ssh", the ssh section, what is derived from the uri."""
 
+from pathlib import Path
+
 import pytest
 
 from controller.errors import ConfigError
@@ -110,3 +112,34 @@ def test_without_the_guardian_an_ssh_uri_alone_is_allowed(tmp_path):
     tail = "[maintenance]\nguardian = false\n"
     (host,) = load(tmp_path, ssh="", tail=tail).hosts
     assert host.over_ssh and host.ssh is None
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_remote_host_of_the_example_config_is_valid_once_uncommented(tmp_path):
+    text = (ROOT / "deploy" / "maintctl.toml.example").read_text()
+    start = text.index("# A remote host")
+    block, _, _ = text[start:].partition("\n\n")
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines()[1:])
+    path = tmp_path / "maintctl.toml"
+    path.write_text(text[:start] + uncommented + "\n" + text[start + len(block) :])
+    hv2 = {h.name: h for h in load_settings(path).hosts}["hv2"]
+    assert hv2.patch_via == "ssh" and hv2.resolved_ssh()["local_uri"] == "qemu:///system"
+
+
+def test_the_readme_remote_host_is_valid(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Remote hosts over SSH") :]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "maintctl.toml"
+    path.write_text(example)
+    (hv7,) = load_settings(path).hosts
+    assert hv7.resolved_ssh() == {
+        "user": "maint",
+        "port": 22,
+        "key_file": "/etc/maintctl/id_ed25519",
+        "known_hosts": "/etc/maintctl/known_hosts",
+        "address": "hv7.example.net",
+        "local_uri": "qemu:///system",
+    }
