@@ -96,17 +96,20 @@ class Libvirt:
         return value
 
     def _connection(self) -> Any:
+        # Opened outside the lock: an open that hangs must not block the next attempt's _drop().
         with self._lock:
-            if self._conn is None:
-                self._conn = libvirt.open(self.uri)
-            return self._conn
+            conn = self._conn
+        if conn is None:
+            conn = libvirt.open(self.uri)
+            with self._lock:
+                self._conn = conn
+        return conn
 
     def _drop(self) -> None:
+        # Forgotten, not closed: a call may still be inside it on another thread, and closing a
+        # connection under a call in flight is not safe. It closes once its last user lets go.
         with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+            self._conn = None
 
 
 def _is_no_domain(exc: BaseException) -> bool:

@@ -375,6 +375,7 @@ class RemoteGuardian:
         self._done = False
         self._done_lock = threading.Lock()
         self._reader = _loop.submit(self._read())
+        _loop.submit(self._relay_log())
 
     @classmethod
     def start(
@@ -425,6 +426,12 @@ class RemoteGuardian:
                 uuid, _, epoch = rest.partition(" ")
                 if verb == "resumed":
                     self._resumed[uuid] = datetime.fromtimestamp(float(epoch), UTC)
+
+    async def _relay_log(self) -> None:
+        """The guardian's stderr into this process's log: what it did on the host."""
+        with contextlib.suppress(OSError, asyncssh.Error):
+            async for line in self._proc.stderr:
+                log.warning("%s: %s", self.target, line.rstrip())
 
     def resumed_at(self, uuid: str) -> datetime | None:
         """When the guardian itself resumed this guest, if it did (the host's clock)."""

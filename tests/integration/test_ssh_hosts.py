@@ -309,6 +309,48 @@ def test_the_guardian_resumes_by_the_deadline_when_the_link_is_cut(ssh_host, tar
     assert (result.outcome, result.exit_code) == (RunbookOutcome.FAILED, -signal.SIGKILL)
 
 
+def session_daemon(ssh_host: SshHost) -> int:
+    """The host's libvirtd: the session daemon of the bed's own user."""
+    (pid,) = [
+        pid
+        for pid, (_, cmd) in user_processes(ssh_host.user).items()
+        if cmd.split()[0].endswith("libvirtd")
+    ]
+    return pid
+
+
+def test_the_guardian_outlasts_a_hung_libvirtd(ssh_host, target, guest):
+    """libvirtd stops answering while the rescue runs: every call is abandoned after its timeout
+    and tried again on a new connection, so the guest runs soon after the daemon answers again."""
+    hv = LibvirtHost(ssh_host.ssh_uri)
+    assert hv.suspend(guest.uuid)
+    guardian = RemoteGuardian.start(target, ssh_host.local_uri, 1.0, call_timeout=1.0)
+    daemon = session_daemon(ssh_host)
+    stopped = False
+    try:
+        guardian.watch([guest.uuid])
+        deadline = time.time() + 1.0
+        guardian.arm(deadline)
+        time.sleep(0.3)
+        os.kill(daemon, signal.SIGSTOP)
+        stopped = True
+        time.sleep(deadline + 3.0 - time.time())  # calls time out, are abandoned, tried again
+        os.kill(daemon, signal.SIGCONT)
+        stopped = False
+        answering_at = time.time()
+        running_at = wait_state(ssh_host.bed, GUEST, libvirt.VIR_DOMAIN_RUNNING, 5.0)
+    finally:
+        if stopped:
+            os.kill(daemon, signal.SIGCONT)
+    guardian.done()
+    assert running_at is not None, "the guardian gave up on the hung libvirtd"
+    print(
+        f"\nremote guardian, libvirtd hung: guest running {running_at - answering_at:.3f} s "
+        "after libvirtd answered again"
+    )
+    assert running_at - answering_at <= 1.5
+
+
 CONTROLLER = """
 import sys, time
 from pathlib import Path
