@@ -143,3 +143,18 @@ def test_the_readme_remote_host_is_valid(tmp_path):
         "address": "hv7.example.net",
         "local_uri": "qemu:///system",
     }
+
+
+def test_the_stored_section_gives_the_ssh_target(tmp_path):
+    from controller.hosts.remote import SshTarget
+
+    (host,) = load(tmp_path, host_extra='patch_via = "ssh"').hosts
+    target = SshTarget.from_stored(host.resolved_ssh())
+    assert target == SshTarget(
+        address="hv1.example.org",
+        user="maint",
+        port=22,
+        key_file=Path("/etc/maintctl/id_ed25519"),
+        known_hosts=Path("/etc/maintctl/known_hosts"),
+    )
+    assert str(target) == "maint@hv1.example.org:22"
