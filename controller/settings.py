@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -82,14 +83,101 @@ class DatabaseSettings(_Strict):
     journal_path: Path = Path("maintctl.journal")
 
 
+# libvirt transports that tunnel through SSH: the host is remote and reached as an SSH login.
+SSH_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2"})
+
+
+def uri_transport(uri: str) -> str | None:
+    """The transport of a libvirt URI ("ssh" in qemu+ssh://...), None when it names none."""
+    return urlsplit(uri).scheme.partition("+")[2] or None
+
+
+def uri_host(uri: str) -> str | None:
+    """The host part of a libvirt URI (qemu+ssh://root@hv1:22/system -> hv1)."""
+    try:
+        return urlsplit(uri).hostname
+    except ValueError:
+        return None
+
+
+def local_libvirt_uri(uri: str) -> str:
+    """The same daemon's URI as seen on its host (qemu+ssh://u@h:p/system?... -> qemu:///system):
+    the transport, the host and the query (keyfile=, known_hosts=...) only matter from afar."""
+    parts = urlsplit(uri)
+    driver = parts.scheme.partition("+")[0]
+    return f"{driver}://{parts.path or '/'}"
+
+
+class SshConfig(_Strict):
+    """How the controller logs in to a remote host (for the runbook and the on-host guardian).
+
+    The host key is always verified: against known_hosts, else the service user's
+    ~/.ssh/known_hosts (as ssh does). There is no switch to skip that check.
+    """
+
+    user: str = Field(pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")
+    port: int = Field(default=22, ge=1, le=65535)
+    # None: ssh's own defaults (the service user's ~/.ssh/id_* and its agent).
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+    # Default: the host part of the host's uri.
+    address: str | None = Field(default=None, min_length=1, max_length=253)
+    # The libvirt URI the guardian uses on the host. Default: uri without its transport
+    # (qemu+ssh://root@hv1/system -> qemu:///system).
+    local_uri: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("key_file", "known_hosts")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path (or start with ~/)")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _plain_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._:-]+", value.strip("[]")):
+            raise ValueError("must be a host name or an IP address")
+        return value
+
+
 class HostConfig(_Strict):
     name: Name
     uri: str = Field(min_length=1, max_length=512)
     update_domain: int = Field(default=0, ge=0, le=1000)
-    patch_via: Literal["local"] = "local"
+    # Where the runbook runs: on this machine ("local") or on the host over SSH ("ssh").
+    patch_via: Literal["local", "ssh"] = "local"
+    ssh: SshConfig | None = None
     # Off only for hosts without a guest agent (libvirt's test driver): the outcome is "disabled".
     sync_clock: bool = True
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+
+    @property
+    def over_ssh(self) -> bool:
+        """libvirt itself is reached through SSH: the host is remote."""
+        return uri_transport(self.uri) in SSH_TRANSPORTS
+
+    @model_validator(mode="after")
+    def _ssh_section(self) -> HostConfig:
+        if self.patch_via == "ssh" and self.ssh is None:
+            raise ValueError('patch_via = "ssh" needs an [hosts.ssh] section (user, key_file, ...)')
+        if self.ssh is not None and self.ssh.address is None and uri_host(self.uri) is None:
+            raise ValueError(f"ssh.address is needed: uri {self.uri} names no host")
+        return self
+
+    def resolved_ssh(self) -> dict[str, Any] | None:
+        """The ssh section with address and local_uri filled in, as the database keeps it."""
+        if self.ssh is None:
+            return None
+        return self.ssh.model_copy(
+            update={
+                "address": self.ssh.address or uri_host(self.uri),
+                "local_uri": self.ssh.local_uri or local_libvirt_uri(self.uri),
+            }
+        ).model_dump(mode="json")
 
 
 class RunbookConfig(_Strict):
@@ -231,6 +319,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"host {host.name!r} is declared twice")
             seen.add(host.name)
         return hosts
+
+    @model_validator(mode="after")
+    def _guardian_on_remote_hosts(self) -> Settings:
+        if not self.maintenance.guardian:
+            return self
+        for host in self.hosts:
+            if host.over_ssh and host.ssh is None:
+                raise ValueError(
+                    f"host {host.name!r}: uri {host.uri} is reached over SSH, so its guardian "
+                    "must run on the host: give it an [hosts.ssh] section (user, key_file, ...)"
+                )
+        return self
 
     @field_validator("runbooks")
     @classmethod

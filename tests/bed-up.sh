@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test bed's own needs, on top of deploy/install-debian.sh: what builds the guest image,
-# a real PostgreSQL server, and a login role the tests use. Idempotent.
+# a real PostgreSQL server, and a login role the tests use; sshd and Debian's python3-libvirt
+# for the remote host over SSH (tests/sshbed.py starts its own sshd). Idempotent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/../deploy/install-debian.sh" qemu-guest-agent busybox-static cpio kmod postgresql \
-  postgresql-client util-linux
+  postgresql-client util-linux openssh-server python3-libvirt
 
 cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
 if [ -z "$cluster" ]; then

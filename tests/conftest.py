@@ -23,6 +23,7 @@ from controller.hosts.libvirt_host import LibvirtHost
 from controller.services.inventory import sync_config_hosts
 from controller.settings import DatabaseSettings, Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
+from tests.sshbed import SshHost, ensure_ssh_host
 from tests.testbed import BedGuest, TestBed
 
 PG_URL = os.environ.get(
@@ -239,3 +240,14 @@ def write_test_host(
     path = directory / f"{host}.xml"
     path.write_text("<node>" + "".join(domains) + "</node>")
     return f"test://{path}"
+
+
+@pytest.fixture(scope="session")
+def ssh_host() -> Iterator[SshHost]:
+    """A remote host reached over SSH (tests/sshbed.py): its own sshd on 127.0.0.1 and user
+    maintctl-ssh's session libvirtd; no guest is booted here (TestBed prefix mtssh-)."""
+    host = ensure_ssh_host()
+    host.bed.cleanup_stale()
+    yield host
+    host.bed.cleanup_stale()
+    host.bed.close()

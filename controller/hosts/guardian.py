@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, Protocol
 
 from controller.cycle.resumption import resume_until_settled
 from controller.errors import HypervisorError
@@ -153,6 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(READY, flush=True)
     return serve(hv, sys.stdin, args.grace)
+
+
+class GuardianHandle(Protocol):
+    """A guardian as the engine drives it: Guardian here, remote.RemoteGuardian on an SSH host.
+    runbook() takes a process group of the machine the guardian runs on."""
+
+    def watch(self, uuids: list[str]) -> None: ...
+    def arm(self, deadline_epoch: float) -> None: ...
+    def runbook(self, pgid: int) -> None: ...
+    def done(self) -> None: ...
+    def resumed_at(self, uuid: str) -> datetime | None: ...
 
 
 class Guardian:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO
+from typing import IO, Protocol
 
 from controller.errors import RunbookParamError
 from controller.settings import PLACEHOLDER, RunbookConfig
@@ -72,16 +72,21 @@ class RunbookOutcome(StrEnum):
 
 
 @dataclass
-class _BoundedBuffer:
+class BoundedOutput:
+    """What a runbook printed, up to a limit; the rest is counted, not kept."""
+
     limit: int
     data: bytearray = field(default_factory=bytearray)
     dropped: int = 0
 
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        self.data += chunk[:room]
+        self.dropped += max(0, len(chunk) - room)
+
     def feed(self, stream: IO[bytes]) -> None:
         for chunk in iter(lambda: stream.read(4096), b""):
-            room = self.limit - len(self.data)
-            self.data += chunk[:room]
-            self.dropped += max(0, len(chunk) - room)
+            self.add(chunk)
 
     def text(self) -> str:
         out = self.data.decode("utf-8", errors="replace")
@@ -98,13 +103,48 @@ class RunbookResult:
     error: str | None = None
 
 
+def cut_short(
+    now: float, *, timeout_at: float, budget_at: float, abort: threading.Event
+) -> RunbookOutcome | None:
+    """Why a runbook still running at `now` must be killed, if it must (the earlier deadline
+    names it when both have passed)."""
+    if abort.is_set():
+        return RunbookOutcome.ABORTED
+    if now >= budget_at and budget_at <= timeout_at:
+        return RunbookOutcome.BUDGET_EXCEEDED
+    if now >= timeout_at:
+        return RunbookOutcome.TIMED_OUT
+    return None
+
+
+class RunningRunbook(Protocol):
+    """A started runbook, here (RunbookProcess) or on the host over SSH (remote.SshRunbookProcess)."""
+
+    argv: list[str]
+    started: float  # time.monotonic() at the start
+
+    @property
+    def pgid(self) -> int: ...
+
+    def wait(
+        self,
+        *,
+        timeout_at: float,
+        budget_at: float,
+        abort: threading.Event,
+        grace: float,
+        tick: Callable[[], None] | None = None,
+        tick_every: float = 1.0,
+    ) -> RunbookResult: ...
+
+
 class RunbookProcess:
     """A runbook running in its own process group, so a kill reaches everything it started."""
 
     def __init__(self, argv: list[str], *, env: Mapping[str, str], output_limit: int) -> None:
         self.argv = argv
-        self._stdout = _BoundedBuffer(output_limit)
-        self._stderr = _BoundedBuffer(output_limit)
+        self._stdout = BoundedOutput(output_limit)
+        self._stderr = BoundedOutput(output_limit)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv,
@@ -165,12 +205,7 @@ class RunbookProcess:
         try:
             while self.proc.poll() is None:
                 now = time.monotonic()
-                if abort.is_set():
-                    outcome = RunbookOutcome.ABORTED
-                elif now >= budget_at and budget_at <= timeout_at:
-                    outcome = RunbookOutcome.BUDGET_EXCEEDED
-                elif now >= timeout_at:
-                    outcome = RunbookOutcome.TIMED_OUT
+                outcome = cut_short(now, timeout_at=timeout_at, budget_at=budget_at, abort=abort)
                 if outcome is not None:
                     self.kill_group(grace)
                     break

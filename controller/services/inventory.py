@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 from controller.decisions.states import ACTIVE, PENDING
 from controller.errors import Conflict, HypervisorError, NotFound
 from controller.hosts.hypervisor import GuestInfo, HypervisorPool
-from controller.settings import Settings
+from controller.settings import HostConfig, Settings
 from controller.store.events import record_event
 from controller.store.models import Guest, Host, Job, utcnow
 
@@ -21,35 +22,31 @@ def sync_config_hosts(session: Session, settings: Settings) -> None:
     declared = {h.name: h for h in settings.hosts}
     existing = {h.name: h for h in session.scalars(select(Host))}
     for name, cfg in declared.items():
-        row = existing.get(name)
+        row, wanted = existing.get(name), _config_columns(cfg)
         if row is None:
-            session.add(
-                Host(
-                    name=name,
-                    uri=cfg.uri,
-                    update_domain=cfg.update_domain,
-                    patch_via=cfg.patch_via,
-                    sync_clock=cfg.sync_clock,
-                    labels=dict(cfg.labels),
-                    source="config",
-                )
-            )
+            session.add(Host(name=name, **wanted))
             record_event(session, "host_added", f"host {name} from the config file", host=name)
-        elif (
-            row.uri,
-            row.update_domain,
-            row.patch_via,
-            row.sync_clock,
-            row.labels,
-            row.source,
-        ) != (cfg.uri, cfg.update_domain, cfg.patch_via, cfg.sync_clock, cfg.labels, "config"):
-            row.uri, row.update_domain, row.patch_via = cfg.uri, cfg.update_domain, cfg.patch_via
-            row.sync_clock, row.labels, row.source = cfg.sync_clock, dict(cfg.labels), "config"
+        elif any(getattr(row, column) != value for column, value in wanted.items()):
+            for column, value in wanted.items():
+                setattr(row, column, value)
             record_event(session, "host_updated", f"host {name} from the config file", host=name)
     for name, row in existing.items():
         if row.source == "config" and name not in declared:
             session.delete(row)
             record_event(session, "host_removed", f"host {name} left the config file", host=name)
+
+
+def _config_columns(cfg: HostConfig) -> dict[str, Any]:
+    """What a config-file host's row holds."""
+    return {
+        "uri": cfg.uri,
+        "update_domain": cfg.update_domain,
+        "patch_via": cfg.patch_via,
+        "ssh": cfg.resolved_ssh(),
+        "sync_clock": cfg.sync_clock,
+        "labels": dict(cfg.labels),
+        "source": "config",
+    }
 
 
 def record_guest_states(session: Session, host_name: str, guests: Iterable[GuestInfo]) -> None:

@@ -70,7 +70,10 @@ class Host(Base):
     name: Mapped[str] = mapped_column(String(63), unique=True)
     uri: Mapped[str] = mapped_column(String(512))
     update_domain: Mapped[int] = mapped_column(Integer, default=0)
-    patch_via: Mapped[str] = mapped_column(String(16), default="local")
+    # Where the runbook runs: "local" (the controller's machine) or "ssh" (on the host).
+    patch_via: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
+    # settings.SshConfig as resolved (address and local_uri filled in); None for a local host.
+    ssh: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     sync_clock: Mapped[bool] = mapped_column(Boolean, default=True)
     # Free key/value labels (rack, row, hardware generation): jobs select hosts by them.
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
