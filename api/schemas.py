@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from controller.services.tokens import Role
-from controller.settings import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, NAME_PATTERN
+from controller.settings import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, NAME_PATTERN, SshConfig
 
 
 def _rfc3339(value: datetime) -> str:
@@ -205,7 +205,16 @@ class HostCreate(_In):
         description="Any libvirt URI, e.g. qemu:///system or qemu+ssh://root@host/system",
     )
     update_domain: int = Field(default=0, ge=0, le=1000)
-    patch_via: Literal["local"] = "local"
+    patch_via: Literal["local", "ssh"] = Field(
+        default="local", description='Where the runbook runs: "local" or "ssh" (on the host)'
+    )
+    ssh: SshConfig | None = Field(
+        default=None,
+        description=(
+            "How to log in to the host (user, port, key_file, known_hosts, address, local_uri): "
+            "needed for patch_via ssh and for a qemu+ssh uri (the guardian runs on the host)"
+        ),
+    )
     sync_clock: bool = True
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
 
@@ -215,6 +224,9 @@ class HostPublic(_Out):
     uri: str
     update_domain: int
     patch_via: str
+    ssh: dict[str, Any] | None = Field(
+        description="The ssh section, with address and local_uri filled in (None: local host)"
+    )
     sync_clock: bool
     labels: dict[str, str]
     source: str

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from controller.cycle.gate import health_gate
 from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
+from controller.cycle.patching import start_runbook
 from controller.cycle.recording import (
     HostRecorder,
     gate_recorded,
@@ -52,11 +53,11 @@ from controller.decisions.verdicts import (
 )
 from controller.errors import HypervisorError, MaintctlError
 from controller.hosts.clock import ClockSync
-from controller.hosts.guardian import Guardian
+from controller.hosts.guardian import Guardian, GuardianHandle
 from controller.hosts.hypervisor import GuestInfo, Hypervisor
+from controller.hosts.remote import RemoteGuardian, SshTarget
 from controller.hosts.runbooks import (
     RunbookOutcome,
-    RunbookProcess,
     RunbookResult,
     build_argv,
     resolve_program,
@@ -371,7 +372,10 @@ def _load_hosts(ctx: EngineContext, names: list[str]) -> list[HostRef]:
     missing = [n for n in names if n not in rows]
     if missing:
         raise JobFailed("host_missing", f"unknown host(s): {', '.join(missing)}")
-    return [HostRef(h.name, h.uri, h.update_domain, h.sync_clock) for h in (rows[n] for n in names)]
+    return [
+        HostRef(h.name, h.uri, h.update_domain, h.sync_clock, h.patch_via, h.ssh)
+        for h in (rows[n] for n in names)
+    ]
 
 
 # --- one host ------------------------------------------------------------------------------------
@@ -418,7 +422,7 @@ class HostCycle:
         self._all_settled = threading.Event()
         self.pause_ms: dict[str, float] = {}
         self._verify_lock = threading.Lock()
-        self.guardian: Guardian | None = None
+        self.guardian: GuardianHandle | None = None
         self.targets: list[GuestInfo] = []
 
     def run(self) -> HostResult:
@@ -442,7 +446,7 @@ class HostCycle:
         if plan.blockers:
             names = ", ".join(g.name for g, _ in plan.blockers)
             return HostResult("guest_busy", f"guests with an active libvirt job: {names}")
-        if resolve_program(self.argv) is None:
+        if self.host.patch_via == "local" and resolve_program(self.argv) is None:
             detail = f"runbook program {self.argv[0]!r} is not an executable file on this host"
             return HostResult("runbook_not_executable", detail)
         if plan.targets and not self.keeper.fresh(self.host.name):
@@ -471,16 +475,26 @@ class HostCycle:
             if guardian is not None:
                 self._release_guardian(guardian)
 
-    def _start_guardian(self, targets: list[GuestInfo]) -> Guardian | None:
+    def _start_guardian(self, targets: list[GuestInfo]) -> GuardianHandle | None:
+        """The dead man's switch runs where the guests are: on a host with an ssh section, on
+        the host itself (started over SSH, it talks to the host's own libvirtd), so that a cut
+        link cannot keep its guests paused; else here, beside the controller."""
         if not (targets and self.settings.guardian) or self.host.uri.startswith("test:"):
             return None  # test:/// state lives inside this process; no other process can see it
+        if self.host.ssh is not None:
+            return RemoteGuardian.start(
+                SshTarget.from_stored(self.host.ssh),
+                str(self.host.ssh["local_uri"]),
+                self.settings.kill_grace_seconds,
+                call_timeout=self.settings.libvirt_call_timeout_seconds,
+            )
         return Guardian.start(
             self.host.uri,
             self.settings.kill_grace_seconds,
             call_timeout=self.settings.libvirt_call_timeout_seconds,
         )
 
-    def _release_guardian(self, guardian: Guardian) -> None:
+    def _release_guardian(self, guardian: GuardianHandle) -> None:
         """Tell the guardian it is done once every guest of this host is settled, not before."""
         waiting = [t.finished for t in self.tasks.values() if not t.finished.is_set()]
         if not waiting:
@@ -495,7 +509,7 @@ class HostCycle:
         threading.Thread(target=release, name="guardian-release", daemon=True).start()
 
     def _maintain(
-        self, hv: Hypervisor, targets: list[GuestInfo], guardian: Guardian | None
+        self, hv: Hypervisor, targets: list[GuestInfo], guardian: GuardianHandle | None
     ) -> HostResult:
         if targets:
             self.record.intents(targets)
@@ -533,7 +547,7 @@ class HostCycle:
         return pause_one(hv, guest)
 
     def _patch(
-        self, budget_at: float, guardian: Guardian | None, pauses: list[PauseResult]
+        self, budget_at: float, guardian: GuardianHandle | None, pauses: list[PauseResult]
     ) -> RunbookResult:
         for p in pauses:
             if p.paused:
@@ -553,13 +567,14 @@ class HostCycle:
             }
         )
         try:
-            proc = RunbookProcess(
-                self.argv, env=env, output_limit=self.settings.runbook_output_limit_bytes
+            proc = start_runbook(
+                self.host, self.argv, env=env, output_limit=self.settings.runbook_output_limit_bytes
             )
-        except OSError as exc:
+        except OSError as exc:  # SshError too: the host did not take the command
             self.record.pauses(pauses, self.paused_at, None)
             return RunbookResult(RunbookOutcome.FAILED, None, 0.0, "", "", f"cannot start: {exc}")
-        if guardian is not None:
+        if guardian is not None and (self.host.patch_via == "ssh") == (self.host.ssh is not None):
+            # A process group is only meaningful to a guardian on the runbook's own machine.
             guardian.runbook(proc.pgid)
         # Queued while the runbook already runs: the database never lengthens the pause.
         self.record.pauses(pauses, self.paused_at, proc)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from api.deps import CtxDep, PrincipalDep, SessionDep, requires
+from api.deps import CtxDep, PrincipalDep, SessionDep, SettingsDep, requires
 from api.schemas import GuestPublic, HostCreate, HostDetail, HostPublic
 from controller.services import inventory
 from controller.services.tokens import Role
@@ -34,9 +34,16 @@ def get_host(name: str, session: SessionDep, ctx: CtxDep) -> HostDetail:
 
 
 @router.post("", response_model=HostPublic, status_code=201, **requires(Role.ADMIN))
-def add_host(body: HostCreate, session: SessionDep, who: PrincipalDep) -> HostPublic:
+def add_host(
+    body: HostCreate, session: SessionDep, settings: SettingsDep, who: PrincipalDep
+) -> HostPublic:
     """Add a host (admin)."""
-    return _public(inventory.add_host(session, **body.model_dump(), actor=who.name))
+    fields = body.model_dump(mode="json", exclude={"ssh"})
+    ssh = None if body.ssh is None else body.ssh.model_dump(mode="json", exclude_none=True)
+    host = inventory.add_host(
+        session, **fields, ssh=ssh, guardian=settings.maintenance.guardian, actor=who.name
+    )
+    return _public(host)
 
 
 @router.delete("/{name}", status_code=204, response_class=Response, **requires(Role.ADMIN))

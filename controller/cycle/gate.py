@@ -8,23 +8,24 @@ then fails naming what was still wrong. No guest is paused while the gate runs.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from controller.cycle.patching import start_runbook
 from controller.cycle.runtime import EngineContext, HostRef, JobSpec
 from controller.errors import AgentUnavailable, HypervisorError, Unsupported
 from controller.hosts.hypervisor import GuestState
-from controller.hosts.runbooks import runbook_env
+from controller.hosts.runbooks import RunbookOutcome, runbook_env
 from controller.settings import RunbookConfig
 from controller.store.db import unit_of_work
 from controller.store.models import JobGuest
 
 GATE_RETRY_SECONDS = 1.0
 CHECK_TIMEOUT_SECONDS = 30.0
+CHECK_OUTPUT_LIMIT = 4096
 DRAIN_SECONDS = 10.0
 
 
@@ -96,6 +97,7 @@ def _guest_problem(ctx: EngineContext, host: HostRef, guest: str, uuid: str) -> 
 def _check_problem(
     ctx: EngineContext, spec: JobSpec, host: HostRef, check: list[str], deadline: float
 ) -> str | None:
+    """Run the runbook's check for this host where its runbook runs (here, or over SSH)."""
     env = runbook_env(
         {
             "MAINTCTL_JOB_ID": str(spec.id),
@@ -105,14 +107,19 @@ def _check_problem(
     )
     limit = max(1.0, min(CHECK_TIMEOUT_SECONDS, deadline - time.monotonic()))
     try:
-        done = subprocess.run(
-            check, env=env, capture_output=True, timeout=limit, check=False, text=True
-        )
-    except subprocess.TimeoutExpired:
-        return f"check on {host.name} still running after {limit:.0f} s"
+        proc = start_runbook(host, check, env=env, output_limit=CHECK_OUTPUT_LIMIT)
     except OSError as exc:
         return f"check on {host.name} cannot start: {exc}"
-    if done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
-        return f"check on {host.name} exited {done.returncode}: {said[0][:200]}".rstrip(": ")
+    done = proc.wait(
+        timeout_at=proc.started + limit,
+        budget_at=proc.started + limit,
+        abort=threading.Event(),
+        grace=ctx.settings.maintenance.kill_grace_seconds,
+    )
+    if done.outcome in (RunbookOutcome.TIMED_OUT, RunbookOutcome.BUDGET_EXCEEDED):
+        return f"check on {host.name} still running after {limit:.0f} s"
+    if done.outcome is not RunbookOutcome.COMPLETED:
+        said = (done.error or done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        code = "no exit code" if done.exit_code is None else done.exit_code
+        return f"check on {host.name} exited {code}: {said[0][:200]}".rstrip(": ")
     return None

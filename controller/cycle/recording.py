@@ -33,7 +33,7 @@ from controller.decisions.states import ItemState
 from controller.decisions.verdicts import BudgetExceeded, HostResult, Verdict, item_state
 from controller.hosts.clock import ClockSync
 from controller.hosts.hypervisor import GuestInfo
-from controller.hosts.runbooks import RunbookOutcome, RunbookProcess, RunbookResult
+from controller.hosts.runbooks import RunbookOutcome, RunbookResult, RunningRunbook
 from controller.services.inventory import record_guest_states
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
@@ -157,7 +157,7 @@ class HostRecorder:
         self,
         pauses: list[PauseResult],
         paused_at: Mapping[str, datetime],
-        proc: RunbookProcess | None,
+        proc: RunningRunbook | None,
     ) -> None:
         ops: list[Op] = []
         for p in pauses:

@@ -13,6 +13,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -136,3 +137,7 @@ class HostRef:
     uri: str
     update_domain: int
     sync_clock: bool
+    patch_via: str = "local"  # "ssh": the runbook (and the gate's check) run on the host
+    # The host's ssh section (address, user, port, key_file, known_hosts, local_uri), if any: the
+    # guardian then runs on the host itself, reached over SSH.
+    ssh: dict[str, Any] | None = None

@@ -6,11 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from controller.decisions.states import ACTIVE, PENDING
-from controller.errors import Conflict, HypervisorError, NotFound
+from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import GuestInfo, HypervisorPool
 from controller.settings import HostConfig, Settings
 from controller.store.events import record_event
@@ -117,15 +118,39 @@ def add_host(
     sync_clock: bool,
     actor: str,
     labels: dict[str, str] | None = None,
+    ssh: dict[str, Any] | None = None,
+    guardian: bool = True,
 ) -> Host:
-    """A host managed through the API (source "api"); config-file hosts come from sync_config_hosts."""
+    """A host managed through the API (source "api"); config-file hosts come from sync_config_hosts.
+
+    The same rules as a config-file host (HostConfig): patch_via "ssh" needs the ssh section, and
+    so does a uri reached over SSH while the guardian is on (it must run on the host)."""
     if session.scalars(select(Host).where(Host.name == name)).one_or_none() is not None:
         raise Conflict(f"host {name!r} already exists")
+    try:
+        cfg = HostConfig(
+            name=name,
+            uri=uri,
+            update_domain=update_domain,
+            patch_via=patch_via,  # type: ignore[arg-type]
+            sync_clock=sync_clock,
+            labels=labels or {},
+            ssh=ssh,  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise InvalidRequest(f"host {name!r}: {problems}") from None
+    if guardian and cfg.over_ssh and cfg.ssh is None:
+        raise InvalidRequest(
+            f"host {name!r}: uri {uri} is reached over SSH, so its guardian must run on the "
+            "host: give it an ssh section (user, key_file, known_hosts, ...)"
+        )
     host = Host(
         name=name,
         uri=uri,
         update_domain=update_domain,
         patch_via=patch_via,
+        ssh=cfg.resolved_ssh(),
         sync_clock=sync_clock,
         labels=dict(labels or {}),
         source="api",

@@ -154,3 +154,26 @@ def test_unknown_job_is_404(api):
     assert_problem(api.get("/api/v1/jobs/424242"), 404, "job 424242 does not exist")
     assert_problem(api.post("/api/v1/jobs/424242/cancel"), 404)
     assert_problem(api.get("/api/v1/jobs/424242/events"), 404)
+
+
+def test_a_remote_host_added_over_the_api_follows_the_config_files_ssh_rules(api):
+    remote = {"name": "hv9", "uri": "qemu+ssh://root@hv9.example/system"}
+    # Reached over SSH with the guardian on: it must be told how to log in, to run there.
+    assert_problem(
+        api.post("/api/v1/hosts", role="admin", json=remote), 422, "must run on the host"
+    )
+    assert_problem(
+        api.post("/api/v1/hosts", role="admin", json={**remote, "patch_via": "ssh"}),
+        422,
+        "needs an [hosts.ssh] section",
+    )
+    ssh = {"user": "maint", "key_file": "/etc/maintctl/id_ed25519", "known_hosts": "relative"}
+    assert_problem(
+        api.post("/api/v1/hosts", role="admin", json={**remote, "ssh": ssh}), 422, "absolute"
+    )
+    ssh["known_hosts"] = "/etc/maintctl/known_hosts"
+    r = api.post("/api/v1/hosts", role="admin", json={**remote, "patch_via": "ssh", "ssh": ssh})
+    assert r.status_code == 201, r.text
+    stored = r.json()["ssh"]
+    assert stored["address"] == "hv9.example" and stored["local_uri"] == "qemu:///system"
+    assert (stored["user"], stored["port"], r.json()["patch_via"]) == ("maint", 22, "ssh")
