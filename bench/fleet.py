@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -412,6 +413,10 @@ class Figures:
     events: int = 0
     events_per_guest: float | None = None
     phases_ms: dict[str, float] = field(default_factory=dict)
+    # Per wave, in order: [hosts, wave s, slowest host cycle s, median host cycle s, gate s].
+    per_wave: list[list[float | None]] = field(default_factory=list)
+    # The machine's 1-minute load average when the job ended (this run's own share included).
+    load_1min: float | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -470,17 +475,27 @@ def wave_figures(f: Figures, items: Sequence[Any], events: Sequence[Any]) -> Non
     waves, slowest, overheads, cycles, gates = [], [], [], [], []
     for wave, members in sorted(by_wave.items()):
         done = [i for i in members if i.started_at and i.finished_at]
-        cycles += [_s(i.started_at, i.finished_at) for i in done]
+        spans = [_s(i.started_at, i.finished_at) for i in done]
+        cycles += spans
         end = at.get(("wave_finished", wave))
         if end is None or not done:
             continue
         begin = min([at.get(("wave_started", wave), end)] + [i.started_at for i in done])
-        worst = max(_s(i.started_at, i.finished_at) for i in done)
         waves.append(_s(begin, end))
-        slowest.append(worst)
-        overheads.append(_s(begin, end) - worst)
-        if ("gate_passed", wave) in at:
-            gates.append(_s(end, at[("gate_passed", wave)]))
+        slowest.append(max(spans))
+        overheads.append(_s(begin, end) - max(spans))
+        gate = at.get(("gate_passed", wave))
+        if gate is not None:
+            gates.append(_s(end, gate))
+        f.per_wave.append(
+            [
+                len(done),
+                waves[-1],
+                max(spans),
+                statistics.median(spans),
+                gates[-1] if gate else None,
+            ]
+        )
     f.waves = len(waves)
     if len(waves) != len(by_wave):
         f.problems.append(f"{len(waves)} of {len(by_wave)} waves finished")
@@ -584,6 +599,7 @@ def run_once(args: argparse.Namespace) -> Figures:
             with Sampler() as sampler, SqlCounter(ctx) as sql:
                 run = run_rollout(ctx, policy, args.timeout)
             f.cpu_s = _cpu_s() - cpu_before
+            f.load_1min = os.getloadavg()[0]
             f.sql_per_host = sql.per_host(sql.statements, args.hosts)
             f.commits_per_host = sql.per_host(sql.commits, args.hosts)
             f.wall_s = run.wall_s
@@ -630,6 +646,7 @@ COLUMNS: list[tuple[str, Callable[[Figures], Any]]] = [
     ("RSS before job MB", lambda f: f.rss_base_mb),
     ("peak libvirt conns", lambda f: f.connections_peak),
     ("peak threads", lambda f: f.threads_peak),
+    ("load avg", lambda f: f.load_1min),
 ]
 
 
