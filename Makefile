@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export MAINTCTL_TEST_PG_URL ?= postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl
 
-.PHONY: demo demo-stop test lint typecheck host testbed venv bench clean
+.PHONY: demo demo-stop test lint typecheck host testbed venv bench bench-fleet clean
 
 host:
 	@deploy/install-debian.sh
@@ -30,6 +30,10 @@ demo-stop: venv
 
 bench: testbed venv
 	@$(VENV)/bin/python -m bench.pause --guests 8 --cycles 3
+
+# No QEMU and no libvirtd: libvirt's test driver in-process, SQLite in a temporary directory.
+bench-fleet: venv
+	@$(VENV)/bin/python -m bench.fleet --hosts 100 --guests-per-host 10 --domains 10 --runs 3 --phases
 
 lint: venv
 	@$(VENV)/bin/ruff check .
