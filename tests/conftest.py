@@ -251,3 +251,18 @@ def ssh_host() -> Iterator[SshHost]:
     yield host
     host.bed.cleanup_stale()
     host.bed.close()
+
+
+SSH_GUEST = "mtssh-g1"
+
+
+@pytest.fixture(scope="session")
+def ssh_guest(ssh_host: SshHost) -> BedGuest:
+    """The remote host's one real guest, up once its agent answers. Unlike TestBed.boot() its
+    clock's drift is not checked (on a loaded machine that reboots it again and again): no test
+    of this host reads its time."""
+    bed = ssh_host.bed
+    bed.destroy(SSH_GUEST)
+    dom = bed._create(SSH_GUEST, 128)
+    bed.wait_agent(SSH_GUEST)
+    return BedGuest(SSH_GUEST, dom.UUIDString(), bed.log_dir / f"{SSH_GUEST}.log")

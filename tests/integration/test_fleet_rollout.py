@@ -110,3 +110,52 @@ def test_a_failed_health_gate_on_real_hosts_halts_the_later_domains(
     assert not seen.last_paused()
     (gate,) = [e for e in out.events if e.kind.startswith("gate_")]
     assert gate.kind == "gate_failed" and "system" in gate.message
+
+
+def _remote_host_config(ssh_host, *, update_domain: int) -> dict:
+    return {
+        "name": "remote",
+        "uri": ssh_host.ssh_uri,
+        "update_domain": update_domain,
+        "patch_via": "ssh",
+        "ssh": {
+            "user": ssh_host.user,
+            "port": ssh_host.port,
+            "address": ssh_host.address,
+            "key_file": str(ssh_host.key_file),
+            "known_hosts": str(ssh_host.known_hosts),
+            "local_uri": ssh_host.local_uri,
+        },
+    }
+
+
+def test_a_rollout_over_three_hosts_one_remote_never_pauses_two_domains_at_once(
+    bed_guests, second_host, ssh_host, ssh_guest, sqlite_url
+):
+    """system and remote (over SSH: libvirt, runbook and guardian) in domain 0, session in 1."""
+    watched, hosts, _ = _fleet(bed_guests, second_host, session_domain=1)
+    watched.append(WatchedHost("remote", ssh_host.root_uri, 0, (ssh_guest.name,)))
+    hosts.append(_remote_host_config(ssh_host, update_domain=0))
+    settings = make_settings(hosts)
+    whoami = {"argv": ["sh", "-c", "id -un; sleep 0.5"], "timeout_seconds": 10}
+    settings.runbooks["whoami"] = type(settings.runbooks["noop"]).model_validate(whoami)
+    h = make_harness(sqlite_url, settings)
+    try:
+        with FleetSampler(watched) as seen:
+            out = run(h, hosts=["system", "remote", "session"], runbook="whoami")
+    finally:
+        h.ctx.close()
+    assert out.job.state == "succeeded", (out.job.reason, out.job.detail)
+    assert seen.period() < 0.1, seen.period()
+    # Never two update domains paused at once; both hosts of domain 0 paused together.
+    assert seen.domains_paused_at_once() == 1
+    assert seen.hosts_paused_at_once({"system", "remote"}) == 2
+    assert seen.ever_paused() == {(w.name, g) for w in watched for g in w.guests}
+    assert not seen.last_paused()
+    # The remote host's runbook ran there, as the ssh user; the local ones here, as root.
+    ran_as = {
+        e.host: e.details["stdout"].strip() for e in out.events if e.kind == "runbook_finished"
+    }
+    assert ran_as == {"system": "root", "remote": ssh_host.user, "session": "root"}
+    remote = [g for g in out.job.guests if g.host == "remote"]
+    assert [(g.status, g.sync_outcome) for g in remote] == [("resumed", "ok")]

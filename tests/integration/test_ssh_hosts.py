@@ -38,17 +38,6 @@ POLL_SECONDS = 0.02
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ssh_guest(ssh_host: SshHost) -> BedGuest:
-    """One real guest, up once its agent answers. Unlike TestBed.boot() its clock's drift is not
-    checked (on a loaded machine that reboots it again and again): nothing here reads its time."""
-    bed = ssh_host.bed
-    bed.destroy(GUEST)
-    dom = bed._create(GUEST, 128)
-    bed.wait_agent(GUEST)
-    return BedGuest(GUEST, dom.UUIDString(), bed.log_dir / f"{GUEST}.log")
-
-
 @pytest.fixture
 def guest(ssh_host: SshHost, ssh_guest: BedGuest) -> Iterator[BedGuest]:
     """The host's running guest; resumed after the test whatever the test did to it."""
