@@ -30,13 +30,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Union
 
-from sqlalchemy import ColumnElement, CursorResult, select, update
+from sqlalchemy import ColumnElement, CursorResult, insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.decisions.states import ItemState, JobState
 from controller.store.db import is_database_outage, unit_of_work
-from controller.store.events import record_event
-from controller.store.models import JobGuest, JournalBatch, PauseIntent
+from controller.store.events import MAX_MESSAGE, record_event
+from controller.store.models import Event, JobGuest, JournalBatch, PauseIntent
 from controller.work.lifecycle import Lease, finish, finish_item, still_held
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,19 @@ _OPS: dict[str, type[Any]] = {
 }
 
 
+def _event_row(op: AddEvent) -> dict[str, Any]:
+    return {
+        "at": op.at,
+        "kind": op.kind,
+        "job_id": op.job_id,
+        "host": op.host,
+        "guest": op.guest,
+        "actor": op.actor,
+        "message": op.message[:MAX_MESSAGE],
+        "details": op.details,
+    }
+
+
 def _apply_op(s: Session, op: Op) -> bool:
     """Apply one operation in the caller's transaction; False stops the rest of its batch."""
     if isinstance(op, AddEvent):
@@ -142,18 +155,27 @@ def _apply_op(s: Session, op: Op) -> bool:
             **op.details,
         )
     elif isinstance(op, UpdateGuest):
-        row = s.scalars(
-            select(JobGuest).where(
+        # Core statements, no ORM unit of work: these are most of what a cycle writes.
+        updated: CursorResult[Any] = s.execute(  # type: ignore[assignment]
+            update(JobGuest)
+            .where(
                 JobGuest.job_id == op.job_id,
                 JobGuest.host == op.host,
                 JobGuest.guest_uuid == op.guest_uuid,
             )
-        ).one_or_none()
-        if row is None:
-            row = JobGuest(job_id=op.job_id, host=op.host, guest=op.guest, guest_uuid=op.guest_uuid)
-            s.add(row)
-        for column, value in op.values.items():
-            setattr(row, column, value)
+            .values(**op.values)
+            .execution_options(synchronize_session=False)
+        )
+        if updated.rowcount == 0:
+            s.execute(
+                insert(JobGuest).values(
+                    job_id=op.job_id,
+                    host=op.host,
+                    guest=op.guest,
+                    guest_uuid=op.guest_uuid,
+                    **op.values,
+                )
+            )
     elif isinstance(op, ResolveIntent):
         where: list[ColumnElement[bool]] = [PauseIntent.resolved_at.is_(None)]
         if op.intent_id is not None:
@@ -351,16 +373,27 @@ class Outbox:
 
     def _apply(self, group: list[Batch]) -> None:
         """Write these batches in one transaction (one commit: the cost that counts on SQLite),
-        each in order; a batch whose fence fails stops there, the next one goes on."""
+        each in order; a batch whose fence fails stops there, the next one goes on. Events are
+        gathered and inserted together (one executemany) before any other kind of operation
+        and at the end, so the event log keeps the order they were recorded in."""
         with unit_of_work(self._factory) as s:
+            events: list[dict[str, Any]] = []
             for batch in group:
                 if batch.journaled:
                     if s.get(JournalBatch, batch.id) is not None:
                         continue  # written before a crash, journal not yet removed
                     s.add(JournalBatch(id=batch.id))
                 for op in batch.ops:
+                    if isinstance(op, AddEvent):
+                        events.append(_event_row(op))
+                        continue
+                    if events and not isinstance(op, UpdateGuest):
+                        s.execute(insert(Event), events)
+                        events = []
                     if not _apply_op(s, op):
                         break
+            if events:
+                s.execute(insert(Event), events)
 
     def _note_outage(self, exc: BaseException) -> None:
         with self._cond:
