@@ -28,9 +28,9 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
-from sqlalchemy import ColumnElement, CursorResult, insert, update
+from sqlalchemy import Connection, Table, bindparam, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.decisions.states import ItemState, JobState
@@ -127,6 +127,32 @@ _OPS: dict[str, type[Any]] = {
 }
 
 
+_EVENTS = cast(Table, Event.__table__)
+_GUESTS = cast(Table, JobGuest.__table__)
+_INTENTS = cast(Table, PauseIntent.__table__)
+_UPDATE_GUEST = update(_GUESTS).where(
+    _GUESTS.c.job_id == bindparam("k_job_id"),
+    _GUESTS.c.host == bindparam("k_host"),
+    _GUESTS.c.guest_uuid == bindparam("k_guest_uuid"),
+)
+_RESOLVE_BY_ID = update(_INTENTS).where(
+    _INTENTS.c.resolved_at.is_(None), _INTENTS.c.id == bindparam("k_id")
+)
+_RESOLVE_BY_GUEST = update(_INTENTS).where(
+    _INTENTS.c.resolved_at.is_(None),
+    _INTENTS.c.job_id == bindparam("k_job_id"),
+    _INTENTS.c.guest_uuid == bindparam("k_guest_uuid"),
+)
+
+
+def _core(s: Session) -> Connection:
+    """The session's connection for a Core statement, after anything the ORM still holds for
+    this transaction (an event added by a job or item change) is flushed: order is kept."""
+    if s.new or s.dirty or s.deleted:
+        s.flush()
+    return s.connection()
+
+
 def _event_row(op: AddEvent) -> dict[str, Any]:
     return {
         "at": op.at,
@@ -155,36 +181,29 @@ def _apply_op(s: Session, op: Op) -> bool:
             **op.details,
         )
     elif isinstance(op, UpdateGuest):
-        # Core statements, no ORM unit of work: these are most of what a cycle writes.
-        updated: CursorResult[Any] = s.execute(  # type: ignore[assignment]
-            update(JobGuest)
-            .where(
-                JobGuest.job_id == op.job_id,
-                JobGuest.host == op.host,
-                JobGuest.guest_uuid == op.guest_uuid,
-            )
-            .values(**op.values)
-            .execution_options(synchronize_session=False)
-        )
+        # Table-level Core statements built once (their compiled form is cached): these are most
+        # of what a cycle writes. The UPDATE sets the columns its parameters name.
+        conn = _core(s)
+        key = {"k_job_id": op.job_id, "k_host": op.host, "k_guest_uuid": op.guest_uuid}
+        updated = conn.execute(_UPDATE_GUEST, {**key, **op.values})
         if updated.rowcount == 0:
-            s.execute(
-                insert(JobGuest).values(
-                    job_id=op.job_id,
-                    host=op.host,
-                    guest=op.guest,
-                    guest_uuid=op.guest_uuid,
+            conn.execute(
+                _GUESTS.insert(),
+                {
+                    "job_id": op.job_id,
+                    "host": op.host,
+                    "guest": op.guest,
+                    "guest_uuid": op.guest_uuid,
                     **op.values,
-                )
+                },
             )
     elif isinstance(op, ResolveIntent):
-        where: list[ColumnElement[bool]] = [PauseIntent.resolved_at.is_(None)]
+        values = {"resolved_at": op.at, "resolution": op.resolution}
         if op.intent_id is not None:
-            where.append(PauseIntent.id == op.intent_id)
+            claimed = _core(s).execute(_RESOLVE_BY_ID, {"k_id": op.intent_id, **values})
         else:
-            where += [PauseIntent.job_id == op.job_id, PauseIntent.guest_uuid == op.guest_uuid]
-        claimed: CursorResult[Any] = s.execute(  # type: ignore[assignment]
-            update(PauseIntent).where(*where).values(resolved_at=op.at, resolution=op.resolution)
-        )
+            key = {"k_job_id": op.job_id, "k_guest_uuid": op.guest_uuid}
+            claimed = _core(s).execute(_RESOLVE_BY_GUEST, {**key, **values})
         return claimed.rowcount >= 1
     elif isinstance(op, WhileHeld):
         return still_held(s, op.item_id, op.owner, op.epoch)
@@ -388,12 +407,12 @@ class Outbox:
                         events.append(_event_row(op))
                         continue
                     if events and not isinstance(op, UpdateGuest):
-                        s.execute(insert(Event), events)
+                        _core(s).execute(_EVENTS.insert(), events)
                         events = []
                     if not _apply_op(s, op):
                         break
             if events:
-                s.execute(insert(Event), events)
+                _core(s).execute(_EVENTS.insert(), events)
 
     def _note_outage(self, exc: BaseException) -> None:
         with self._cond:
