@@ -43,7 +43,7 @@ typecheck: venv
 	@$(VENV)/bin/mypy controller api cli
 
 test: testbed venv lint typecheck
-	@$(VENV)/bin/pytest -q -p no:cacheprovider
+	@$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf $(VENV) .demo maintctl.db*
