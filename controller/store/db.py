@@ -46,39 +46,53 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class _FairLock:
-    """First come, first served: SQLite's busy handler retries with sleeps, so under many writers
-    one can lose every race for far longer than busy_timeout. Threads of this process queue here
-    instead and SQLite's own lock only has other processes left to arbitrate."""
+    """First come, first served, and reentrant for the thread that holds it (a transaction opened
+    inside another one on the same thread goes on, as before this lock existed). SQLite's busy
+    handler retries with sleeps, so under many writers one can lose every race for far longer
+    than busy_timeout; threads of this process queue here instead and SQLite's own lock only
+    has other processes left to arbitrate."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queue: deque[object] = deque()
-        self._held = False
+        self._owner: int | None = None
+        self._depth = 0
 
     def acquire(self, timeout: float) -> bool:
-        me = object()
+        me, thread = object(), threading.get_ident()
         with self._cond:
+            if self._owner == thread:
+                self._depth += 1
+                return True
             self._queue.append(me)
-            if self._cond.wait_for(lambda: not self._held and self._queue[0] is me, timeout):
+            if self._cond.wait_for(lambda: self._owner is None and self._queue[0] is me, timeout):
                 self._queue.popleft()
-                self._held = True
+                self._owner, self._depth = thread, 1
                 return True
             self._queue.remove(me)
             self._cond.notify_all()
             return False
 
+    def depth(self) -> int:
+        """How many turns the calling thread holds (0 if it holds none)."""
+        with self._cond:
+            return self._depth if self._owner == threading.get_ident() else 0
+
     def release(self) -> None:
         with self._cond:
-            self._held = False
-            self._cond.notify_all()
+            self._depth -= 1
+            if self._depth <= 0:
+                self._owner, self._depth = None, 0
+                self._cond.notify_all()
 
 
 class _SqliteTransactions:
-    """Every transaction but a read-only one begins IMMEDIATE, taking SQLite's write lock when it
-    starts: a deferred one that reads and then writes after another writer committed fails at
-    once with "database is locked" (a WAL snapshot conflict) whatever the timeout, which is what
-    many hosts maintained at once ran into. Writers of this process take turns on a fair lock
-    first, bounded by the busy timeout (or the session's limit_lock_wait)."""
+    """The transactions of this process take turns on a fair lock, bounded by the busy timeout
+    (or the session's limit_lock_wait), and begin IMMEDIATE. Without it, many hosts
+    maintained at once failed with "database is locked": a transaction that had read before
+    another writer committed cannot write any more (a WAL snapshot conflict, which no timeout
+    waits out), and SQLite's sleeping busy handler starved some writers past 10 s. Read-only
+    sessions (API GETs, authentication) take no turn: WAL readers never wait for a writer."""
 
     def __init__(self) -> None:
         self.lock = _FairLock()
@@ -95,12 +109,17 @@ class _SqliteTransactions:
         wait_ms = SQLITE_BUSY_TIMEOUT_MS if limit is None else int(limit)
         if not self.lock.acquire(wait_ms / 1000):
             raise sa_exc.OperationalError(
-                "BEGIN IMMEDIATE",
+                "BEGIN",
                 None,
                 sqlite3.OperationalError(f"database is locked (waited {wait_ms} ms in turn)"),
             )
+        # The outermost transaction of a turn takes SQLite's write lock at once (IMMEDIATE): the
+        # turn is handed on when COMMIT is issued, a moment before it lands, and a deferred
+        # successor that read in that moment could not write any more. A transaction nested in
+        # it on the same thread begins deferred, so that it can at least read.
+        nested = self.lock.depth() > 1
         try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if nested else "BEGIN IMMEDIATE")
         except BaseException:
             self.lock.release()
             raise

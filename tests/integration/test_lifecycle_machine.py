@@ -219,9 +219,11 @@ def machine_for(factory):
                 return
             with self._tx() as s:
                 row = s.get_one(JobHost, lease.item_id)
-                if row.epoch != lease.epoch or row.state not in HELD:
-                    self._lost(held)  # what the fence learns from the renewal
-                    return
+                fenced = row.epoch != lease.epoch or row.state not in HELD
+            if fenced:
+                self._lost(held)  # what the fence learns from the renewal
+                return
+            with self._tx() as s:
                 self._resolve(s, lease.job_id, lease.host, "resumed")
                 state = ItemState.DONE if ok else ItemState.FAILED
                 assert finish_item(
