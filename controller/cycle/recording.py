@@ -395,34 +395,31 @@ def record_host_waiting(s: Session, *, job_id: int, host: str) -> None:
     )
 
 
-def item_finished(lease: Lease, result: HostResult) -> FinishItem:
-    """The end of a host's work item, written if the lease (owner and epoch) still holds."""
+def _finish_item(
+    lease: Lease, state: ItemState, outcome: str | None, detail: str | None
+) -> FinishItem:
     return FinishItem(
         lease.item_id,
         lease.job_id,
         lease.host,
         lease.owner,
         lease.epoch,
-        item_state(result).value,
+        state.value,
         utcnow(),
-        result.failure,
-        result.detail or None,
+        outcome,
+        detail,
     )
+
+
+def item_finished(lease: Lease, result: HostResult) -> FinishItem:
+    """The end of a host's work item, written if the lease (owner and epoch) still holds."""
+    return _finish_item(lease, item_state(result), result.failure, result.detail or None)
 
 
 def item_not_started(lease: Lease, verdict: str) -> FinishItem:
     """A host whose item was claimed but whose cycle never started: the job ended first."""
-    return FinishItem(
-        lease.item_id,
-        lease.job_id,
-        lease.host,
-        lease.owner,
-        lease.epoch,
-        ItemState.SKIPPED.value,
-        utcnow(),
-        f"job {verdict}",
-        "claimed, but the job ended before this host was started",
-    )
+    detail = "claimed, but the job ended before this host was started"
+    return _finish_item(lease, ItemState.SKIPPED, f"job {verdict}", detail)
 
 
 def wave_started(job_id: int, wave: int, hosts: list[str]) -> AddEvent:
