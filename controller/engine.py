@@ -40,7 +40,11 @@ from controller.cycle.runtime import ActiveJobs as ActiveJobs
 from controller.cycle.runtime import EngineContext as EngineContext
 from controller.cycle.runtime import HostRef, JobSpec
 from controller.decisions.preflight import admit, classify_guests
-from controller.decisions.rollout import update_domain_waves, wave_batches
+from controller.decisions.rollout import (
+    availability_set_counts,
+    update_domain_waves,
+    wave_batches,
+)
 from controller.decisions.states import JobState
 from controller.decisions.verdicts import (
     HostResult,
@@ -244,7 +248,7 @@ def _availability_sets(
         except HypervisorError:
             return Counter()
         plan = classify_guests(guests, exclude=spec.exclude_guests, busy=spec.busy)
-        return Counter(g.availability_set for g in plan.targets if g.availability_set)
+        return availability_set_counts(plan.targets)
 
     return dict(zip((h.name for h in wave), ctx.pool.map(count, wave), strict=True))
 

@@ -79,6 +79,16 @@ def host_order(hosts: Iterable[H]) -> list[H]:
     return [h for wave in update_domain_waves(hosts) for h in wave]
 
 
+class InAvailabilitySet(Protocol):
+    @property
+    def availability_set(self) -> str | None: ...
+
+
+def availability_set_counts(guests: Iterable[InAvailabilitySet]) -> Counter[str]:
+    """How many of these guests (the ones a host would pause) are in each availability set."""
+    return Counter(g.availability_set for g in guests if g.availability_set)
+
+
 @dataclass
 class Batches(Generic[H]):
     """One update domain's hosts in the order they run: batch after batch, the hosts of one

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
 from controller.decisions.rollout import (
     RolloutPolicy,
+    availability_set_counts,
     host_order,
     update_domain_waves,
     wave_batches,
@@ -262,7 +263,7 @@ def plan(
         except HypervisorError as exc:
             raise Conflict(f"host {host.name} cannot be inspected: {exc}") from None
         p = classify_guests(listing, exclude=req.exclude_guests, busy=req.busy_guests)
-        sets[host.name] = Counter(g.availability_set for g in p.targets if g.availability_set)
+        sets[host.name] = availability_set_counts(p.targets)
         guests += [PlannedGuest(host.name, g.name, "pause", None) for g in p.targets]
         guests += [
             PlannedGuest(host.name, g.name, "skip", why) for g, why in p.skipped + p.blockers
