@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -112,6 +113,10 @@ class FleetSampler:
         """The worst gap between two ticks' starts (what "every 10 ms" really was)."""
         starts = [t.at for t in self.ticks]
         return max((b - a for a, b in itertools.pairwise(starts)), default=0.0)
+
+    def median_period(self) -> float:
+        starts = [t.at for t in self.ticks]
+        return statistics.median(b - a for a, b in itertools.pairwise(starts))
 
 
 @contextlib.contextmanager

@@ -68,7 +68,8 @@ def test_one_domain_runs_its_hosts_at_once_within_the_availability_set_limit(
     finally:
         h.ctx.close()
 
-    assert free.period() < 0.1, free.period()
+    # Every 10 ms; a stall of the sampler's own process (seen once: 0.38 s) is bounded too.
+    assert free.median_period() < 0.02 and free.period() < 0.5, free.period()
     assert free.hosts_paused_at_once({"system", "session"}) == 2
     assert free.guests_paused_at_once(web) == 3
     assert free.ever_paused() == {(w.name, g) for w in watched for g in w.guests}
@@ -146,7 +147,8 @@ def test_a_rollout_over_three_hosts_one_remote_never_pauses_two_domains_at_once(
     finally:
         h.ctx.close()
     assert out.job.state == "succeeded", (out.job.reason, out.job.detail)
-    assert seen.period() < 0.1, seen.period()
+    # Every 10 ms; a stall of the sampler's own process (seen once: 0.38 s) is bounded too.
+    assert seen.median_period() < 0.02 and seen.period() < 0.5, seen.period()
     # Never two update domains paused at once; both hosts of domain 0 paused together.
     assert seen.domains_paused_at_once() == 1
     assert seen.hosts_paused_at_once({"system", "remote"}) == 2
