@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
+from api.metadata import MetadataListener, create_metadata_app
 from api.routes import events, health, hosts, jobs, runbooks, tokens
 from controller.engine import EngineContext
 from controller.hosts.host_pings import HostPings
@@ -24,6 +25,7 @@ from controller.services.inventory import sync_config_hosts
 from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
 from controller.settings import Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work
+from controller.work.notices import NoticePublisher
 from controller.work.scheduler import MaintenanceScheduler
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,17 @@ def create_app(
             hypervisors=HypervisorPool(lambda uri: LibvirtHost(uri, call_timeout=timeout)),
         )
     scheduler = MaintenanceScheduler(ctx)
+
+    def approved(job_id: int) -> None:
+        scheduler.arm(job_id, None)  # its notice may end now
+        publisher.poke()
+
+    publisher = NoticePublisher(ctx, is_leader=lambda: scheduler.is_leader, on_approved=approved)
+    listener = (
+        MetadataListener(create_metadata_app(settings.metadata, ctx, approved), settings.metadata)
+        if settings.metadata.bind is not None
+        else None
+    )
     host_pings = HostPings(ctx.hypervisors)  # health's own threads, not ctx.pool
     token_uses = TokenUses()
 
@@ -115,6 +128,9 @@ def create_app(
             sync_config_hosts(s, settings)
         if run_scheduler:
             scheduler.start()
+            publisher.start()
+        if listener is not None:
+            listener.start()
         stamper = asyncio.create_task(_stamp_token_uses(token_uses, ctx.session_factory))
         try:
             yield
@@ -122,7 +138,10 @@ def create_app(
             stamper.cancel()
             with suppress(asyncio.CancelledError):
                 await stamper
+            if listener is not None:
+                listener.stop()
             if run_scheduler:
+                publisher.stop()
                 scheduler.shutdown()
             host_pings.close()
             try:
@@ -139,6 +158,7 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.scheduler = scheduler
+    app.state.publisher = publisher
     app.state.host_pings = host_pings
     app.state.token_uses = token_uses
     problems.install(app)

@@ -60,7 +60,13 @@ class JobCreate(_In):
     not_before: AwareDatetime | None = Field(default=None, strict=False)
     not_after: AwareDatetime | None = Field(default=None, strict=False)
     pause_budget_seconds: float | None = Field(default=None, gt=0, le=300)
-    notice_seconds: float = Field(default=0.0, ge=0, le=86400)
+    notice_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description="Publish the job's Scheduled Events this long before its first pause "
+        "(default: the configured maintenance.notice_seconds, 900 unless changed)",
+    )
     exclude_guests: list[GuestRef] = Field(default_factory=list, max_length=1000)
     busy_guests: Literal["skip", "block"] = "skip"
     max_failed_hosts: int = Field(

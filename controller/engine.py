@@ -15,13 +15,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import select
 
 from controller.cycle.gate import health_gate
 from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
+from controller.cycle.notices import agentless, record_hooks
+from controller.cycle.outbox import AddEvent
 from controller.cycle.patching import start_runbook
 from controller.cycle.recording import (
     HostRecorder,
@@ -30,6 +32,7 @@ from controller.cycle.recording import (
     item_not_started,
     job_finished,
     record_host_waiting,
+    record_notice_started,
     wave_finished,
     wave_started,
 )
@@ -67,11 +70,13 @@ from controller.hosts.runbooks import (
     resolve_program,
     runbook_env,
 )
+from controller.services import scheduled_events
+from controller.services.scheduled_events import Published
 from controller.settings import RunbookConfig
 from controller.store.db import is_database_outage, unit_of_work
-from controller.store.models import Host, Job, utcnow
+from controller.store.models import Host, Job, JobHost, utcnow
 from controller.work.lease import LeaseKeeper
-from controller.work.lifecycle import Lease, claim_item
+from controller.work.lifecycle import Lease, claim_item, start_notice
 
 log = logging.getLogger(__name__)
 
@@ -354,12 +359,21 @@ def _claim_batch(
 def _claim_host(
     ctx: EngineContext, spec: JobSpec, host: HostRef, keeper: LeaseKeeper, abort: threading.Event
 ) -> Lease | None:
-    """Claim the job's item of this host, waiting while another job holds the host."""
+    """Claim the job's item of this host, waiting while another job holds the host and, for a
+    job with a notice, until the host's notice is over or its Scheduled Event approved."""
     m = ctx.settings.maintenance
     noted = False
     while not abort.is_set():
         with unit_of_work(ctx.session_factory) as s:
-            lease = claim_item(s, spec.id, host.name, ctx.runner_id, m.lease_seconds, utcnow())
+            now = utcnow()
+            lease = claim_item(
+                s, spec.id, host.name, ctx.runner_id, m.lease_seconds, now, notice=spec.notice > 0
+            )
+            if lease is None and spec.notice > 0:
+                until = now + timedelta(seconds=spec.notice)
+                if start_notice(s, spec.id, host.name, until, now):
+                    record_notice_started(s, job_id=spec.id, host=host.name, until=until)
+                    noted = True  # its notice holds the host now: not waiting for another job
             if lease is None and not noted:
                 record_host_waiting(s, job_id=spec.id, host=host.name)
                 noted = True
@@ -428,6 +442,7 @@ class HostCycle:
         self._verify_lock = threading.Lock()
         self.guardian: GuardianHandle | None = None
         self.targets: list[GuestInfo] = []
+        self._event_id: str | None = None  # this host item's Scheduled Event
 
     def run(self) -> HostResult:
         early = self.prepare()
@@ -458,6 +473,7 @@ class HostCycle:
                 "lease_lost", f"nothing paused: the lease on {self.host.name} is stale"
             )
         self.targets = plan.targets
+        self._tell_guests(hv, plan.targets)
         try:
             self.guardian = self._start_guardian(plan.targets)
         except HypervisorError as exc:
@@ -478,6 +494,84 @@ class HostCycle:
             self.ctx.outbox.release(self)
             if guardian is not None:
                 self._release_guardian(guardian)
+
+    def _tell_guests(self, hv: Hypervisor, targets: list[GuestInfo]) -> None:
+        """Before the first pause (outside the budget): the host's Scheduled Event lists the
+        guests it pauses and says Started, each guest's document is written into it, and its
+        freeze hooks have run (during the notice, or now)."""
+        lease = self.keeper.lease_of(self.host.name)
+        if lease is None or not targets:
+            return
+        md = self.ctx.settings.metadata
+        names = {g.name for g in targets}
+        with unit_of_work(self.ctx.session_factory) as s:
+            event_id = self._event_id = s.get_one(JobHost, lease.item_id).event_id
+            scheduled_events.set_resources(s, lease.item_id, sorted(names))
+            changed = {
+                d.guest: d
+                for d in scheduled_events.publish(
+                    s, now=utcnow(), grace_seconds=md.grace_seconds, only=names
+                )
+            }
+        if event_id is None or not md.guest_agent or agentless(self.host.uri):
+            return
+        notices = self.ctx.notices
+
+        def tell(guest: GuestInfo) -> tuple[Published | None, str | None]:
+            doc = changed.get(guest.name)
+            error = notices.write(hv, guest.uuid, doc) if doc is not None else None
+            notices.freeze_once(
+                hv,
+                guest.uuid,
+                guest.name,
+                event_id,
+                lambda runs: record_hooks(
+                    self.ctx.session_factory,
+                    runs,
+                    job_id=self.spec.id,
+                    host=self.host.name,
+                    approve=False,
+                ),
+            )
+            return doc, error
+
+        written = fan_out(self.ctx.pool, tell, targets)
+        with unit_of_work(self.ctx.session_factory) as s:
+            for doc, error in written:
+                if doc is not None:
+                    notices.record_write(s, doc, self.spec.id, error)
+
+    def _thaw(self, tasks: list[ResumeTask]) -> None:
+        """After the guests resumed and their clocks were synced: their thaw hooks."""
+        lease = self.keeper.lease_of(self.host.name)
+        hv = self.hv
+        if lease is None or hv is None or not self.ctx.settings.metadata.guest_agent:
+            return
+        if agentless(self.host.uri):
+            return
+        event_id = self._event_id
+        back = [
+            t for t in tasks if t.settled is not None and t.settled.running and t.finished.is_set()
+        ]
+        if event_id is None or not back:
+            return
+
+        def thaw(task: ResumeTask) -> None:
+            for run in self.ctx.notices.run_hooks(hv, task.uuid, task.name, "thaw", event_id):
+                kind, message, details = run.event()
+                self.ctx.outbox.submit(
+                    AddEvent(
+                        kind,
+                        message,
+                        utcnow(),
+                        self.spec.id,
+                        self.host.name,
+                        task.name,
+                        details=details,
+                    )
+                )
+
+        fan_out(self.ctx.pool, thaw, back)
 
     def _start_guardian(self, targets: list[GuestInfo]) -> GuardianHandle | None:
         """The dead man's switch runs where the guests are: on a host with an ssh section, on
@@ -541,7 +635,9 @@ class HostCycle:
                     [p.guest for p in pauses if p.paused or p.uncertain] if pauses else targets
                 )
                 self._resume_all(hv, maybe_paused)
-        return self._verdict(rb, self._await_resumes())
+        tasks = self._await_resumes()
+        self._thaw(tasks)
+        return self._verdict(rb, tasks)
 
     def _pause(self, hv: Hypervisor, guest: GuestInfo) -> PauseResult:
         """Pause one guest, but never on a lease that may have expired (fencing)."""

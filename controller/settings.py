@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from controller.errors import ConfigError
@@ -35,6 +43,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must look like HOST:PORT, for example 127.0.0.1:8080")
+    return value
+
+
 class ServerSettings(_Strict):
     bind: str = "127.0.0.1:8080"
     # Deny by default: turning auth off is allowed only on a loopback bind.
@@ -43,10 +58,7 @@ class ServerSettings(_Strict):
     @field_validator("bind")
     @classmethod
     def _bind_is_host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must look like HOST:PORT, for example 127.0.0.1:8080")
-        return value
+        return _host_port(value)
 
     @property
     def host(self) -> str:
@@ -260,6 +272,9 @@ class MaintenanceSettings(_Strict):
     # for lease_seconds is taken over by reconciliation (its guests resumed) on any replica.
     lease_seconds: float = Field(default=10.0, ge=2, le=600)
     lease_renew_seconds: float = Field(default=1.0, ge=0.1, le=60)
+    # A job's notice, unless it asks for its own: its Scheduled Events are published this long
+    # before its first pause (the Freeze notice of the metadata service); 0 starts at once.
+    notice_seconds: float = Field(default=900.0, ge=0, le=86400)
 
     @model_validator(mode="after")
     def _consistent(self) -> MaintenanceSettings:
@@ -281,6 +296,53 @@ class MaintenanceSettings(_Strict):
         return self
 
 
+GuestName = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class MetadataSettings(_Strict):
+    """Scheduled Events for the guests: an HTTP listener (off unless `bind` is set) compatible
+    with the Azure metadata service, and the same document written into each guest through its
+    agent, with freeze/thaw hooks run there."""
+
+    # For example "169.254.169.254:80" on the guests' bridge. No operator API, no bearer token.
+    bind: str | None = None
+    # Who is asking, by source address: {"192.0.2.10" = "guest-name"}. Addresses libvirt
+    # reports for a guest (through its agent, else DHCP leases) are added to these.
+    source_addresses: dict[str, GuestName] = Field(default_factory=dict, max_length=100000)
+    # Guest-scoped tokens (`maintctl metadata token GUEST`) are HMACs of the guest's name with
+    # this secret; unset, only addresses identify a caller.
+    token_secret: SecretStr | None = None
+    # More requests than this per second from one caller are answered 429.
+    requests_per_second: int = Field(default=5, ge=1, le=1000)
+    # An event stays in the document this long after its pause is over and clocks are synced.
+    grace_seconds: float = Field(default=15.0, ge=0, le=3600)
+    # Write each guest's document into it through the agent, and run its hooks.
+    guest_agent: bool = True
+    document_path: str = Field(
+        default="/run/maintctl/scheduledevents.json", pattern=r"^/[A-Za-z0-9._/-]{1,250}$"
+    )
+    hooks_dir: str = Field(default="/etc/maintctl/hooks.d", pattern=r"^/[A-Za-z0-9._/-]{1,250}$")
+    # A hook's time counts against the notice, never against the pause budget.
+    hook_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # How often published documents are rebuilt (a change is also published at once).
+    publish_interval_seconds: float = Field(default=1.0, ge=0.1, le=60)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_host_port(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    @property
+    def host(self) -> str:
+        assert self.bind is not None
+        return self.bind.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        assert self.bind is not None
+        return int(self.bind.rpartition(":")[2])
+
+
 class Settings(BaseSettings):
     """Built-in defaults < TOML file < MAINTCTL_* environment (MAINTCTL_DATABASE_URL, ...)."""
 
@@ -295,6 +357,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    metadata: MetadataSettings = MetadataSettings()
     hosts: list[HostConfig] = Field(default_factory=list, max_length=10000)
     runbooks: dict[str, RunbookConfig] = Field(default_factory=dict, max_length=1000)
 

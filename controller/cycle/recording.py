@@ -395,6 +395,18 @@ def record_host_waiting(s: Session, *, job_id: int, host: str) -> None:
     )
 
 
+def record_notice_started(s: Session, *, job_id: int, host: str, until: datetime) -> None:
+    record_event(
+        s,
+        "notice_started",
+        f"host {host}: Scheduled Events published, not before {until.isoformat()}",
+        job_id=job_id,
+        host=host,
+        actor="controller",
+        notice_until=until.isoformat(),
+    )
+
+
 def _finish_item(
     lease: Lease, state: ItemState, outcome: str | None, detail: str | None
 ) -> FinishItem:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from controller.cycle.notices import GuestNotices
 from controller.cycle.outbox import Outbox
 from controller.cycle.resumption import Resumer
 from controller.decisions.preflight import BusyGuestPolicy
@@ -77,10 +78,14 @@ class EngineContext:
     )
     resumer: Resumer = field(default_factory=Resumer)
     outbox: Outbox = field(init=False)
+    notices: GuestNotices = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.outbox = Outbox(self.session_factory, self.settings.database.journal_path)
+        self.notices = GuestNotices(
+            self.settings.metadata, self.settings.maintenance.agent_timeout_seconds
+        )
 
     def close(self) -> None:
         self.stopping.set()

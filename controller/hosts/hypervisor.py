@@ -50,6 +50,17 @@ class GuestInfo:
         return self.state is GuestState.PAUSED and self.reason in OUR_PAUSE_REASONS
 
 
+@dataclass(frozen=True)
+class GuestExec:
+    """A program run inside a guest through its agent (guest-exec)."""
+
+    exit_code: int | None  # None: still running at the timeout (the agent cannot kill it)
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+    timed_out: bool = False
+
+
 class Hypervisor(Protocol):
     uri: str
 
@@ -85,6 +96,17 @@ class Hypervisor(Protocol):
     def guest_ping(self, uuid: str, timeout_seconds: int) -> None:
         """guest-ping through the agent: returns if it answered; raises AgentUnavailable if it
         did not, Unsupported if the guest (or driver) has no agent at all."""
+
+    def guest_exec(self, uuid: str, argv: list[str], timeout_seconds: float) -> GuestExec:
+        """Run argv inside the guest through its agent and wait for it, up to the timeout."""
+
+    def write_guest_file(self, uuid: str, path: str, data: bytes, timeout_seconds: int) -> None:
+        """Write a file in the guest through its agent, atomically (temporary file, rename)."""
+
+    def read_guest_file(self, uuid: str, path: str, timeout_seconds: int) -> bytes: ...
+
+    def guest_addresses(self, uuid: str) -> list[str]:
+        """The guest's IP addresses as libvirt reports them (agent, else DHCP leases)."""
 
     def close(self) -> None: ...
 

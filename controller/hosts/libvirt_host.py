@@ -7,6 +7,8 @@ to the same guest's state waits for it rather than racing it.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +27,7 @@ from controller.errors import (
     Unsupported,
 )
 from controller.hosts.deadlines import SerialCalls, call_with_deadline
-from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestInfo, GuestState
+from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestExec, GuestInfo, GuestState
 
 T = TypeVar("T")
 
@@ -352,6 +354,126 @@ class LibvirtHost:
         self._call(
             uuid, "ping the agent of", lambda d: qemuAgentCommand(d, command, timeout_seconds, 0)
         )
+
+    # --- the guest agent's file and exec commands (Scheduled Events, hooks) ---------------------
+
+    def _agent(self, uuid: str, command: dict[str, Any], timeout_seconds: int) -> Any:
+        text = json.dumps(command)
+        out = self._call(
+            uuid,
+            f"agent {command['execute']} in",
+            lambda d: qemuAgentCommand(d, text, timeout_seconds, 0),
+        )
+        return json.loads(out).get("return")
+
+    def guest_exec(self, uuid: str, argv: list[str], timeout_seconds: float) -> GuestExec:
+        started = time.monotonic()
+        agent_timeout = max(1, min(int(timeout_seconds), int(self.call_timeout)))
+        command: dict[str, Any] = {
+            "execute": "guest-exec",
+            "arguments": {"path": argv[0], "arg": argv[1:], "capture-output": True},
+        }
+        pid = self._agent(uuid, command, agent_timeout)["pid"]
+        status: dict[str, Any] = {}
+        delay = 0.02
+        while True:
+            status = self._agent(
+                uuid,
+                {"execute": "guest-exec-status", "arguments": {"pid": pid}},
+                agent_timeout,
+            )
+            if status.get("exited"):
+                break
+            if time.monotonic() - started > timeout_seconds:
+                return GuestExec(None, b"", b"", time.monotonic() - started, timed_out=True)
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+        return GuestExec(
+            int(status["exitcode"]) if "exitcode" in status else -1,  # -1: killed by a signal
+            base64.b64decode(status.get("out-data", "")),
+            base64.b64decode(status.get("err-data", "")),
+            time.monotonic() - started,
+        )
+
+    def write_guest_file(self, uuid: str, path: str, data: bytes, timeout_seconds: int) -> None:
+        """Write `path` in the guest atomically: a temporary file beside it, then a rename."""
+        directory = path.rpartition("/")[0] or "/"
+        temporary = f"{path}.maintctl-tmp"
+        made = self.guest_exec(uuid, ["/bin/mkdir", "-p", directory], timeout_seconds)
+        if made.exit_code != 0:
+            raise HypervisorError(f"mkdir {directory} in guest {uuid}: {made.stderr[:200]!r}")
+        handle = self._agent(
+            uuid,
+            {"execute": "guest-file-open", "arguments": {"path": temporary, "mode": "w"}},
+            timeout_seconds,
+        )
+        try:
+            self._agent(
+                uuid,
+                {
+                    "execute": "guest-file-write",
+                    "arguments": {"handle": handle, "buf-b64": base64.b64encode(data).decode()},
+                },
+                timeout_seconds,
+            )
+        finally:
+            self._agent(
+                uuid,
+                {"execute": "guest-file-close", "arguments": {"handle": handle}},
+                timeout_seconds,
+            )
+        moved = self.guest_exec(uuid, ["/bin/mv", "-f", temporary, path], timeout_seconds)
+        if moved.exit_code != 0:
+            raise HypervisorError(f"rename to {path} in guest {uuid}: {moved.stderr[:200]!r}")
+
+    def read_guest_file(self, uuid: str, path: str, timeout_seconds: int) -> bytes:
+        handle = self._agent(
+            uuid,
+            {"execute": "guest-file-open", "arguments": {"path": path, "mode": "r"}},
+            timeout_seconds,
+        )
+        data = b""
+        try:
+            while True:
+                chunk = self._agent(
+                    uuid,
+                    {"execute": "guest-file-read", "arguments": {"handle": handle, "count": 65536}},
+                    timeout_seconds,
+                )
+                data += base64.b64decode(chunk.get("buf-b64", ""))
+                if chunk.get("eof") or not chunk.get("count"):
+                    return data
+        finally:
+            self._agent(
+                uuid,
+                {"execute": "guest-file-close", "arguments": {"handle": handle}},
+                timeout_seconds,
+            )
+
+    def guest_addresses(self, uuid: str) -> list[str]:
+        """The guest's non-loopback IP addresses, as its agent reports them, else DHCP leases."""
+        found: list[str] = []
+        for source in (
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+        ):
+
+            def read(dom: libvirt.virDomain, src: int = source) -> dict[str, Any]:
+                return dom.interfaceAddresses(src, 0) or {}
+
+            try:
+                ifaces = self._call(uuid, "addresses of", read)
+            except (AgentUnavailable, Unsupported, HypervisorError):
+                continue
+            for name, iface in (ifaces or {}).items():
+                if name == "lo":
+                    continue
+                for addr in iface.get("addrs") or []:
+                    if addr.get("addr") and not str(addr["addr"]).startswith(("127.", "::1")):
+                        found.append(str(addr["addr"]))
+            if found:
+                break
+        return found
 
     def close(self) -> None:
         # A connect stuck on a hung libvirtd holds the lock: give up on it rather than hang.

@@ -48,7 +48,7 @@ class JobRequest:
     not_before: datetime | None = None
     not_after: datetime | None = None
     pause_budget_seconds: float | None = None
-    notice_seconds: float = 0.0
+    notice_seconds: float | None = None  # None: the configured maintenance.notice_seconds
     exclude_guests: list[str] = field(default_factory=list)
     busy_guests: BusyGuestPolicy = BusyGuestPolicy.SKIP
     all_hosts: bool = False
@@ -149,7 +149,11 @@ def submit(
         exclude_guests=list(req.exclude_guests),
         busy_guests=req.busy_guests.value,
         pause_budget_seconds=budget,
-        notice_seconds=req.notice_seconds,
+        notice_seconds=(
+            settings.maintenance.notice_seconds
+            if req.notice_seconds is None
+            else req.notice_seconds
+        ),
         not_before=req.not_before,
         not_after=req.not_after,
         rollout=req.rollout.stored(),

@@ -195,6 +195,36 @@ class JobHost(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     outcome: Mapped[str | None] = mapped_column(String(64), default=None)
     detail: Mapped[str | None] = mapped_column(Text, default=None)
+    # The item's Scheduled Event: its id, the guests it will pause (filled in during the notice,
+    # fixed at the preflight), and when a guest (or its freeze hook) approved it early.
+    event_id: Mapped[str | None] = mapped_column(String(36), default=None, unique=True)
+    resources: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    approved_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class GuestDocument(Base):
+    """The Scheduled Events document one guest sees, kept so that its DocumentIncarnation only
+    grows (across restarts and replicas) and a GET only reads. `pushed_digest` is the content
+    last written into the guest through its agent."""
+
+    __tablename__ = "guest_documents"
+    guest: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str | None] = mapped_column(String(63), default=None)  # of its latest event
+    incarnation: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    pushed_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Addresses libvirt reported for the guest (agent, then DHCP leases): who is asking.
+    addresses: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Counter(Base):
+    """Named counters that only grow: `UPDATE ... SET value = value + 1 RETURNING value`."""
+
+    __tablename__ = "counters"
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class PauseIntent(Base):

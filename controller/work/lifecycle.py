@@ -9,6 +9,7 @@ caller's transaction; a job that ends skips its items still pending.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -51,6 +52,7 @@ def create_items(session: Session, job: Job, hosts: list[Host]) -> None:
                 state=ItemState.PENDING.value,
                 epoch=0,
                 abort_requested=False,
+                event_id=str(uuid.uuid4()),
             )
         )
 
@@ -98,22 +100,35 @@ def _start_time(host: str, job_id: int, now: datetime) -> Any:
     return case((last_end > at, last_end), else_=at)
 
 
+def notice_over(now: datetime) -> Any:
+    """A notifying item may start: its NotBefore passed, or its Scheduled Event was approved."""
+    return (JobHost.notice_until <= now) | JobHost.approved_at.is_not(None)
+
+
 def claim_item(
-    session: Session, job_id: int, host: str, owner: str, lease_seconds: float, now: datetime
+    session: Session,
+    job_id: int,
+    host: str,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+    *,
+    notice: bool = False,
 ) -> Lease | None:
     """Claim the job's item of `host` under a lease if the host is free; None if not (yet).
 
-    The item is pending, or notifying with its notice over (nobody owns an item during its
+    The item is pending (unless the job gives `notice`: then its notice must come first), or
+    notifying with its notice over or its event approved (nobody owns an item during its
     notice: it is data, read by whichever replica's timer or poll comes first).
     """
     if not _lock_free_host(session, host, job_id):
         return None
     expires = now + timedelta(seconds=lease_seconds)
-    claimable = (JobHost.state == ItemState.PENDING.value) | (
-        (JobHost.state == ItemState.NOTIFYING.value)
-        & JobHost.owner.is_(None)
-        & (JobHost.notice_until <= now)
+    claimable = (
+        (JobHost.state == ItemState.NOTIFYING.value) & JobHost.owner.is_(None) & notice_over(now)
     )
+    if not notice:
+        claimable = claimable | (JobHost.state == ItemState.PENDING.value)
     row = session.execute(
         update(JobHost)
         .where(JobHost.job_id == job_id, JobHost.host == host, claimable, _host_free(host, job_id))
@@ -277,12 +292,27 @@ def in_notice(session: Session, job_id: int) -> bool:
 
 
 def notice_ends(session: Session, job_id: int) -> datetime | None:
-    """When the job's notice ends (its notifying items' latest notice_until), if it has one."""
+    """When the job's notice ends (its first notifying item's notice_until), if it has one."""
     return session.execute(
-        select(func.max(JobHost.notice_until)).where(
-            JobHost.job_id == job_id, JobHost.state == ItemState.NOTIFYING.value
+        select(func.min(JobHost.notice_until)).where(
+            JobHost.job_id == job_id,
+            JobHost.state == ItemState.NOTIFYING.value,
+            JobHost.owner.is_(None),
         )
     ).scalar_one_or_none()
+
+
+def first_noticed(session: Session, job_id: int) -> JobHost | None:
+    """The job's first item in its notice, in rollout order."""
+    return session.scalars(
+        select(JobHost)
+        .where(
+            JobHost.job_id == job_id,
+            JobHost.state == ItemState.NOTIFYING.value,
+            JobHost.owner.is_(None),
+        )
+        .order_by(JobHost.wave, JobHost.position)
+    ).first()
 
 
 def transition(
@@ -385,16 +415,29 @@ def start_job(
         return Start(StartKind.EXPIRED)
     if job.not_before is not None and job.not_before > now:
         return Start(StartKind.NOT_YET, at=job.not_before)
-    first = session.scalars(
-        select(JobHost.host)
-        .where(JobHost.job_id == job.id, JobHost.state == ItemState.PENDING.value)
-        .order_by(JobHost.wave, JobHost.position)
-    ).first()
+    pending = list(
+        session.scalars(
+            select(JobHost.host)
+            .where(JobHost.job_id == job.id, JobHost.state == ItemState.PENDING.value)
+            .order_by(JobHost.wave, JobHost.position)
+        )
+    )
+    first = pending[0] if pending else None
     if first is not None and job.notice_seconds > 0:
+        # Every host's notice starts now, so that each guest learns of its pause as early as
+        # possible; a host busy with another job gets its own notice when the job reaches it.
         until = now + timedelta(seconds=job.notice_seconds)
         if not start_notice(session, job.id, first, until, now):
             return Start(StartKind.WAITING, host=first)
-        _started(session, job, now, JobState.NOTIFYING, notice_until=until.isoformat())
+        noticed = [first] + [h for h in pending[1:] if start_notice(session, job.id, h, until, now)]
+        _started(
+            session,
+            job,
+            now,
+            JobState.NOTIFYING,
+            notice_until=until.isoformat(),
+            hosts=noticed,
+        )
         return Start(StartKind.NOTICE, at=until)
     lease = None
     if first is not None:
@@ -409,21 +452,19 @@ def start_job(
 def _end_notice(
     session: Session, job: Job, *, owner: str, lease_seconds: float, now: datetime
 ) -> Start:
-    ends = notice_ends(session, job.id)
-    if ends is not None and ends > now:
-        return Start(StartKind.NOT_YET, at=ends)
+    first = first_noticed(session, job.id)
     lease = None
-    if ends is not None:
-        host = session.scalars(
-            select(JobHost.host).where(
-                JobHost.job_id == job.id, JobHost.state == ItemState.NOTIFYING.value
-            )
-        ).first()
-        assert host is not None
-        lease = claim_item(session, job.id, host, owner, lease_seconds, now)
+    if first is not None:
+        assert first.notice_until is not None
+        if first.approved_at is None and first.notice_until > now:
+            return Start(StartKind.NOT_YET, at=first.notice_until)
+        lease = claim_item(session, job.id, first.host, owner, lease_seconds, now, notice=True)
         if lease is None:
-            return Start(StartKind.WAITING, host=host)
-    transition(session, job, JobState.RUNNING, actor="scheduler", at=now, notice_ended=True)
+            return Start(StartKind.WAITING, host=first.host)
+    early = first is not None and first.approved_at is not None and first.notice_until > now  # type: ignore[operator]
+    transition(
+        session, job, JobState.RUNNING, actor="scheduler", at=now, notice_ended=True, approved=early
+    )
     job.runner_id, job.heartbeat_at = owner, now
     return Start(StartKind.CLAIMED, lease=lease)
 

@@ -35,6 +35,7 @@ from controller.work.lifecycle import (
     abort_job,
     cancel_job,
     notice_ends,
+    notice_over,
     start_job,
     transition,
 )
@@ -220,7 +221,7 @@ class MaintenanceScheduler:
                 .where(
                     JobHost.state == ItemState.NOTIFYING.value,
                     JobHost.owner.is_(None),
-                    JobHost.notice_until <= now,
+                    notice_over(now),
                 )
                 .distinct()
                 .limit(room)

@@ -67,6 +67,7 @@ def _file_digest(path: Path) -> str:
 
 def image_digest(package: str) -> str:
     parts = [BUILDER_VERSION, package, (HERE / "init.sh").read_text()]
+    parts.append((HERE / "hook-clock.sh").read_text())
     for path in (BUSYBOX, QEMU_GA, *shared_libraries(QEMU_GA)):
         parts.append(f"{path}:{_file_digest(path)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -109,6 +110,10 @@ def _populate_rootfs(rootfs: Path, modules_dir: Path) -> None:
         if len(found) != 1:
             raise RuntimeError(f"kernel module {name}.ko: found {len(found)} candidates")
         shutil.copy2(found[0], rootfs / "lib" / "modules" / f"{name}.ko")
+    hook = rootfs / "etc" / "maintctl" / "hooks.d" / "10-clock"
+    hook.parent.mkdir(parents=True)
+    shutil.copy2(HERE / "hook-clock.sh", hook)
+    hook.chmod(0o755)
     init = rootfs / "init"
     shutil.copy2(HERE / "init.sh", init)
     init.chmod(0o755)

@@ -1,0 +1,262 @@
+"""Scheduled Events in the store: which events exist, each guest's document, approvals, callers.
+
+An event is a host item of a job (table job_hosts) with the guests it pauses as Resources. It is
+Scheduled while the item is in its notice, Started once the item runs, and leaves the documents
+`grace` after the item ended; an item that never ran (cancelled, skipped) leaves at once. Each
+guest's document is rebuilt by `publish` (the notice publisher, and the engine just before its
+pause) and stored with an incarnation taken from a counter that only grows, so that a GET only
+reads and a DocumentIncarnation never goes back, across restarts and replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from controller.decisions.scheduled_events import Notice, digest, guest_events
+from controller.decisions.states import ItemState
+from controller.store.events import record_event
+from controller.store.models import Counter, GuestDocument, Job, JobGuest, JobHost, utcnow
+
+INCARNATION = "scheduled_events_incarnation"
+ENDED_RUN = tuple(
+    s.value for s in (ItemState.DONE, ItemState.FAILED, ItemState.INTERRUPTED, ItemState.ABORTED)
+)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A guest's document that changed: to be written into the guest."""
+
+    guest: str
+    host: str | None
+    incarnation: int
+    events: list[dict[str, Any]]
+    digest: str
+
+
+def next_incarnation(session: Session) -> int:
+    row = session.execute(
+        update(Counter)
+        .where(Counter.name == INCARNATION)
+        .values(value=Counter.value + 1)
+        .returning(Counter.value)
+    ).one_or_none()
+    if row is not None:
+        return int(row.value)
+    session.add(Counter(name=INCARNATION, value=1))
+    session.flush()
+    return 1
+
+
+def _expected_pause(session: Session, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Per (runbook, host): the longest of its recent pauses there, in whole seconds."""
+    out: dict[tuple[str, str], int] = {}
+    for runbook, host in pairs:
+        rows = session.scalars(
+            select(JobGuest.pause_ms)
+            .join(Job, Job.id == JobGuest.job_id)
+            .where(Job.runbook == runbook, JobGuest.host == host, JobGuest.pause_ms.is_not(None))
+            .order_by(JobGuest.id.desc())
+            .limit(50)
+        ).all()
+        values = [ms for ms in rows if ms is not None]
+        out[(runbook, host)] = max(1, math.ceil(max(values) / 1000)) if values else -1
+    return out
+
+
+def visible_notices(session: Session, now: datetime, grace_seconds: float) -> list[Notice]:
+    """Every event a guest may see now, with its host."""
+    since = now - timedelta(seconds=grace_seconds)
+    rows = session.execute(
+        select(JobHost, Job.runbook)
+        .join(Job, Job.id == JobHost.job_id)
+        .where(
+            JobHost.event_id.is_not(None),
+            JobHost.resources.is_not(None),
+            (
+                (JobHost.state == ItemState.NOTIFYING.value)
+                | (JobHost.state == ItemState.RUNNING.value)
+                | (
+                    JobHost.state.in_(ENDED_RUN)
+                    & (JobHost.epoch > 0)
+                    & (JobHost.finished_at > since)
+                )
+            ),
+        )
+    ).all()
+    durations = _expected_pause(session, {(runbook, item.host) for item, runbook in rows})
+    notices = []
+    for item, runbook in rows:
+        if not item.resources:
+            continue
+        notices.append(
+            Notice(
+                event_id=str(item.event_id),
+                resources=tuple(str(r) for r in item.resources),
+                started=item.state != ItemState.NOTIFYING.value,
+                not_before=item.notice_until or item.started_at,
+                description=(
+                    f"Host maintenance: the guest is paused with its memory kept, the host is "
+                    f"patched (runbook {runbook}, job {item.job_id}), the guest resumes and its "
+                    "clock is synced."
+                ),
+                duration_seconds=durations[(runbook, item.host)],
+                host=item.host,
+            )
+        )
+    return notices
+
+
+def publish(
+    session: Session, *, now: datetime, grace_seconds: float, only: set[str] | None = None
+) -> list[Published]:
+    """Rebuild the documents of the guests concerned (those in an event now, and those whose
+    stored document still lists one); store and return those that changed."""
+    notices = visible_notices(session, now, grace_seconds)
+    host_of: dict[str, str] = {}
+    for n in notices:
+        for guest in n.resources:
+            host_of[guest] = n.host
+    stored = {
+        d.guest: d
+        for d in session.scalars(
+            select(GuestDocument).where(
+                GuestDocument.guest.in_(host_of) | (GuestDocument.digest != digest([]))
+            )
+        )
+    }
+    changed = []
+    for guest in sorted(set(host_of) | set(stored)):
+        if only is not None and guest not in only:
+            continue
+        events = guest_events(notices, guest)
+        new = digest(events)
+        doc = stored.get(guest)
+        if doc is not None and doc.digest == new:
+            continue
+        incarnation = next_incarnation(session)
+        host = host_of.get(guest, doc.host if doc is not None else None)
+        if doc is None:
+            doc = GuestDocument(guest=guest, addresses=[])
+            session.add(doc)
+        doc.incarnation, doc.digest, doc.events = incarnation, new, events
+        doc.host, doc.updated_at = host, now
+        changed.append(Published(guest, host, incarnation, events, new))
+    return changed
+
+
+def document(session: Session, guest: str | None) -> tuple[int, list[dict[str, Any]]]:
+    """The stored document of a guest: (incarnation, events); (0, []) for an unknown caller."""
+    if guest is None:
+        return 0, []
+    doc = session.get(GuestDocument, guest)
+    if doc is None:
+        return 0, []
+    return int(doc.incarnation), list(doc.events)
+
+
+def mark_pushed(session: Session, guest: str, pushed: str) -> None:
+    session.execute(
+        update(GuestDocument).where(GuestDocument.guest == guest).values(pushed_digest=pushed)
+    )
+
+
+def unpushed(session: Session) -> list[Published]:
+    """Documents not yet written into their guest (their guests' items do not run)."""
+    running_hosts = set(
+        session.scalars(select(JobHost.host).where(JobHost.state == ItemState.RUNNING.value))
+    )
+    docs = session.scalars(
+        select(GuestDocument).where(
+            GuestDocument.pushed_digest.is_(None)
+            | (GuestDocument.pushed_digest != GuestDocument.digest)
+        )
+    )
+    return [
+        Published(d.guest, d.host, int(d.incarnation), list(d.events), d.digest)
+        for d in docs
+        if d.host not in running_hosts
+    ]
+
+
+def set_addresses(session: Session, guest: str, addresses: list[str]) -> None:
+    session.execute(
+        update(GuestDocument).where(GuestDocument.guest == guest).values(addresses=addresses)
+    )
+
+
+def addresses(session: Session) -> dict[str, str]:
+    """Address -> guest, from what libvirt reported for guests with a document."""
+    out: dict[str, str] = {}
+    for guest, addrs in session.execute(select(GuestDocument.guest, GuestDocument.addresses)):
+        for a in addrs or []:
+            out[str(a)] = guest
+    return out
+
+
+def approve(session: Session, guest: str, event_ids: list[str], *, actor: str) -> list[int]:
+    """Approve the guest's events among `event_ids` (others are ignored: a caller never learns
+    of another guest's events). Returns the jobs whose notice may now end early."""
+    if not event_ids:
+        return []
+    items = session.scalars(
+        select(JobHost).where(
+            JobHost.event_id.in_(event_ids), JobHost.state == ItemState.NOTIFYING.value
+        )
+    ).all()
+    jobs = []
+    for item in items:
+        if guest not in (item.resources or []):
+            continue
+        if item.approved_at is None:
+            item.approved_at = utcnow()
+            record_event(
+                session,
+                "event_approved",
+                f"{guest} approved event {item.event_id} on {item.host}",
+                job_id=item.job_id,
+                host=item.host,
+                guest=guest,
+                actor=actor,
+                event_id=item.event_id,
+            )
+        jobs.append(item.job_id)
+    return jobs
+
+
+def set_resources(session: Session, item_id: int, guests: list[str]) -> None:
+    session.execute(update(JobHost).where(JobHost.id == item_id).values(resources=guests))
+
+
+def unfilled_notices(session: Session) -> list[tuple[int, int, str, list[str], str]]:
+    """Items in their notice whose Resources are not known yet: (item, job, host, exclude,
+    busy policy)."""
+    rows = session.execute(
+        select(JobHost.id, JobHost.job_id, JobHost.host, Job.exclude_guests, Job.busy_guests)
+        .join(Job, Job.id == JobHost.job_id)
+        .where(JobHost.state == ItemState.NOTIFYING.value, JobHost.resources.is_(None))
+    ).all()
+    return [(r[0], r[1], r[2], list(r[3] or []), str(r[4])) for r in rows]
+
+
+# --- guest-scoped tokens -----------------------------------------------------------------------
+
+
+def guest_token(secret: str, guest: str) -> str:
+    mac = hmac.new(secret.encode(), b"maintctl-guest:" + guest.encode(), hashlib.sha256)
+    return f"{guest}.{mac.hexdigest()}"
+
+
+def guest_of_token(secret: str, token: str) -> str | None:
+    guest, _, _mac = token.rpartition(".")
+    if not guest or not hmac.compare_digest(guest_token(secret, guest), token):
+        return None
+    return guest

@@ -1,0 +1,225 @@
+"""The notice publisher: keeps every guest's Scheduled Events document current, on the leader.
+
+Each pass (every `metadata.publish_interval_seconds`, and at once when poked):
+- an item in its notice learns its Resources (the guests its host would pause, from libvirt);
+- every guest's document is rebuilt and stored when it changed (a new DocumentIncarnation);
+- a changed document is written into its guest through the agent, unless the guest's host runs
+  a cycle right now (the engine writes those itself, before its pause; an agent call must never
+  queue in front of a resume's clock sync);
+- a guest that sees a Scheduled event for the first time runs its freeze hooks; all of them
+  exiting 0 approve the event, which may end the notice early;
+- every few passes, the addresses libvirt reports for guests with a document are refreshed
+  (who is asking, for the metadata listener).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import select
+
+from controller.cycle.notices import agentless, record_hooks
+from controller.cycle.runtime import EngineContext
+from controller.decisions.preflight import BusyGuestPolicy, classify_guests
+from controller.decisions.scheduled_events import digest
+from controller.decisions.states import ItemState
+from controller.errors import HypervisorError
+from controller.hosts.hypervisor import GuestInfo
+from controller.services import scheduled_events as se
+from controller.store.db import is_database_outage, unit_of_work
+from controller.store.models import GuestDocument, Host, JobHost, utcnow
+
+log = logging.getLogger(__name__)
+
+ADDRESS_REFRESH_SECONDS = 10.0
+
+
+class NoticePublisher:
+    def __init__(
+        self,
+        ctx: EngineContext,
+        *,
+        is_leader: Callable[[], bool],
+        on_approved: Callable[[int], None],
+    ) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings.metadata
+        self.is_leader = is_leader
+        self.on_approved = on_approved
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hooks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="guest-hook")
+        self._addresses_at = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="notice-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._hooks.shutdown(wait=False, cancel_futures=True)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.publish_interval_seconds)
+            self._wake.clear()
+            if self._stop.is_set() or not self.is_leader():
+                continue
+            try:
+                self.tick()
+            except Exception as exc:
+                if is_database_outage(exc):
+                    log.warning("Scheduled Events wait for the database: %s", exc)
+                else:
+                    log.exception("publishing Scheduled Events failed; trying again")
+
+    # --- one pass ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        uris = self._host_uris()
+        self._fill_resources(uris)
+        with unit_of_work(self.ctx.session_factory) as s:
+            se.publish(s, now=utcnow(), grace_seconds=self.settings.grace_seconds)
+            todo = se.unpushed(s)
+        if not self.settings.guest_agent:
+            return
+        guests = self._guests_by_name(
+            uris, {d.host for d in todo if d.host and not agentless(uris.get(d.host, ""))}
+        )
+        for doc in todo:
+            if agentless(uris.get(doc.host or "", "")):
+                with unit_of_work(self.ctx.session_factory) as s:
+                    se.mark_pushed(s, doc.guest, doc.digest)
+                continue
+            found = guests.get((doc.host or "", doc.guest))
+            error = "the guest is not on its host any more" if found is None else None
+            if found is not None:
+                error = self.ctx.notices.write(self.ctx.hypervisors.get(found[0]), found[1], doc)
+            job_id = _job_of(self.ctx, doc)
+            with unit_of_work(self.ctx.session_factory) as s:
+                self.ctx.notices.record_write(s, doc, job_id, error)
+        self._freeze_in_notice(uris, guests)
+        if time.monotonic() - self._addresses_at > ADDRESS_REFRESH_SECONDS:
+            self._addresses_at = time.monotonic()
+            self._refresh_addresses(uris)
+
+    def _host_uris(self) -> dict[str, str]:
+        with unit_of_work(self.ctx.session_factory, read_only=True) as s:
+            return {name: uri for name, uri in s.execute(select(Host.name, Host.uri))}
+
+    def _list(self, uri: str) -> list[GuestInfo] | None:
+        try:
+            return self.ctx.hypervisors.get(uri).list_guests()
+        except HypervisorError as exc:
+            log.warning("cannot list the guests of %s for their notices: %s", uri, exc)
+            return None
+
+    def _fill_resources(self, uris: dict[str, str]) -> None:
+        with unit_of_work(self.ctx.session_factory, read_only=True) as s:
+            unfilled = se.unfilled_notices(s)
+        for item_id, _job, host, exclude, busy in unfilled:
+            if host not in uris:
+                continue
+            listing = self._list(uris[host])
+            if listing is None:
+                continue
+            plan = classify_guests(listing, exclude=exclude, busy=BusyGuestPolicy(busy))
+            with unit_of_work(self.ctx.session_factory) as s:
+                se.set_resources(s, item_id, sorted(g.name for g in plan.targets))
+
+    def _guests_by_name(
+        self, uris: dict[str, str], hosts: set[str]
+    ) -> dict[tuple[str, str], tuple[str, str]]:
+        """(host, guest name) -> (host URI, guest UUID)."""
+        out: dict[tuple[str, str], tuple[str, str]] = {}
+        for host in hosts:
+            if host not in uris:
+                continue
+            for g in self._list(uris[host]) or []:
+                out[(host, g.name)] = (uris[host], g.uuid)
+        return out
+
+    def _freeze_in_notice(
+        self, uris: dict[str, str], guests: dict[tuple[str, str], tuple[str, str]]
+    ) -> None:
+        """A guest that was told of a Scheduled event runs its freeze hooks now, in the notice."""
+        with unit_of_work(self.ctx.session_factory, read_only=True) as s:
+            items = s.execute(
+                select(JobHost.job_id, JobHost.host, JobHost.event_id, JobHost.resources).where(
+                    JobHost.state == ItemState.NOTIFYING.value,
+                    JobHost.owner.is_(None),
+                    JobHost.resources.is_not(None),
+                    JobHost.approved_at.is_(None),
+                )
+            ).all()
+        items = [i for i in items if not agentless(uris.get(i[1], "test:"))]
+        missing = {h for _, h, _, _ in items} - {h for h, _ in guests}
+        guests = {**guests, **self._guests_by_name(uris, missing)}
+        for job_id, host, event_id, resources in items:
+            for name in resources or []:
+                if event_id is None or self.ctx.notices.froze(event_id, name):
+                    continue
+                found = guests.get((host, name))
+                if found is None:
+                    continue
+                self._hooks.submit(self._freeze, job_id, host, event_id, name, *found)
+
+    def _freeze(
+        self, job_id: int, host: str, event_id: str, name: str, uri: str, uuid: str
+    ) -> None:
+        try:
+            approved: list[int] = []
+
+            def record(runs: list) -> None:  # type: ignore[type-arg]
+                approved.extend(
+                    record_hooks(
+                        self.ctx.session_factory, runs, job_id=job_id, host=host, approve=True
+                    )
+                )
+
+            self.ctx.notices.freeze_once(
+                self.ctx.hypervisors.get(uri), uuid, name, event_id, record
+            )
+            for job in set(approved):
+                self.on_approved(job)
+        except Exception:
+            log.exception("freeze hooks of %s failed", name)
+
+    def _refresh_addresses(self, uris: dict[str, str]) -> None:
+        with unit_of_work(self.ctx.session_factory, read_only=True) as s:
+            docs = s.execute(
+                select(GuestDocument.guest, GuestDocument.host).where(
+                    GuestDocument.digest != digest([])
+                )
+            ).all()
+        guests = self._guests_by_name(
+            uris, {h for _, h in docs if h and not agentless(uris.get(h, "test:"))}
+        )
+        for guest, host in docs:
+            found = guests.get((host or "", guest))
+            if found is None:
+                continue
+            try:
+                addrs = self.ctx.hypervisors.get(found[0]).guest_addresses(found[1])
+            except HypervisorError:
+                continue
+            with unit_of_work(self.ctx.session_factory) as s:
+                se.set_addresses(s, guest, addrs)
+
+
+def _job_of(ctx: EngineContext, doc: se.Published) -> int | None:
+    if not doc.events:
+        return None
+    with unit_of_work(ctx.session_factory, read_only=True) as s:
+        return s.scalar(select(JobHost.job_id).where(JobHost.event_id == doc.events[0]["EventId"]))
