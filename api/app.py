@@ -24,6 +24,7 @@ from controller.hosts.hypervisor import HypervisorPool
 from controller.services.inventory import sync_config_hosts
 from controller.services.metrics import ServiceMetrics
 from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
+from controller.services.webhooks import WebhookSender
 from controller.settings import Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work
 from controller.work.scheduler import MaintenanceScheduler
@@ -115,6 +116,11 @@ def create_app(
         host_pings=host_pings,
         is_leader=lambda: scheduler.is_leader,
     )
+    webhooks = WebhookSender(
+        session_factory=ctx.session_factory,
+        webhooks=settings.webhooks,
+        is_leader=lambda: scheduler.is_leader,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,6 +129,7 @@ def create_app(
         service_metrics.start()
         if run_scheduler:
             scheduler.start()
+            webhooks.start()  # sends only while this replica leads
         stamper = asyncio.create_task(_stamp_token_uses(token_uses, ctx.session_factory))
         try:
             yield
@@ -132,6 +139,7 @@ def create_app(
                 await stamper
             if run_scheduler:
                 scheduler.shutdown()
+                webhooks.stop()
             host_pings.close()
             try:
                 token_uses.flush(session_factory=ctx.session_factory)
@@ -150,6 +158,7 @@ def create_app(
     app.state.host_pings = host_pings
     app.state.token_uses = token_uses
     app.state.metrics = service_metrics
+    app.state.webhooks = webhooks
     problems.install(app)
     for module in (health, hosts, runbooks, jobs, events, tokens, metrics):
         app.include_router(module.router)
