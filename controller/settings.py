@@ -253,6 +253,8 @@ class RunbookConfig(_Strict):
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 # The event types a webhook can subscribe to (fnmatch patterns over them: "job.*", "host.*").
 WEBHOOK_TYPE_PATTERN = r"^[a-z*?\[\]!_.-]{1,64}$"
+# The secret shown in deploy/maintctl.toml.example: refused, so nobody runs with it.
+EXAMPLE_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105
 
 
 class WebhookConfig(_Strict):
@@ -282,6 +284,8 @@ class WebhookConfig(_Strict):
     @field_validator("secret")
     @classmethod
     def _secret(cls, value: str) -> str:
+        if value == EXAMPLE_WEBHOOK_SECRET:
+            raise ValueError("is the example's secret: make one of your own (see the example)")
         key = value.removeprefix(WEBHOOK_SECRET_PREFIX)
         if key == value:
             raise ValueError(f"must start with {WEBHOOK_SECRET_PREFIX} (then base64)")
