@@ -289,11 +289,15 @@ class WebhookSender:
         return self._tail
 
     def _run(self) -> None:
+        noted = False  # one warning per outage, not one per poll
         while not self.stopping.wait(self.poll_seconds):
             try:
                 self._step()
+                noted = False
             except Exception as exc:
-                log.warning("webhooks: event log not read: %s", str(exc).split("\n")[0])
+                if not noted:
+                    log.warning("webhooks: event log not read: %s", str(exc).split("\n")[0])
+                    noted = True
 
     def _step(self) -> None:
         if not self.is_leader():

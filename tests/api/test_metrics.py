@@ -13,7 +13,7 @@ from controller.services.metrics import ServiceMetrics
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
 from controller.store.models import Job, PauseIntent
-from tests.conftest import TEST_URI, make_harness, make_settings
+from tests.conftest import QEMU_URI, TEST_URI, make_harness, make_settings
 from tests.e2e.service import Client, Service, host_block
 
 # Linux routes all of 127/8 to the loopback: a second local address that is not allow-listed.
@@ -55,6 +55,8 @@ def test_metrics_match_the_job_that_ran(service):
     job = operator.wait(job_id, {"succeeded"}, timeout=30)
     pauses = [g["pause_ms"] for g in job["guests"] if g["pause_ms"] is not None]
     assert pauses, job["guests"]
+    paused_events = [e for e in operator.events(job_id) if e["kind"] == "guest_paused"]
+    assert len(paused_events) == len(pauses)
 
     r = scrape(service.url, token=viewer, source=OTHER_LOCAL_ADDRESS)
     assert r.status_code == 200, r.text
@@ -108,10 +110,10 @@ def test_metrics_match_the_job_that_ran(service):
     assert value(after, "maintctl_leader") == 1
 
 
-def test_counters_follow_the_recorded_events_since_start(sqlite_url):
+def test_counters_follow_the_recorded_events_since_start(db_url):
     """Each recorded kind lands in its series; skew is absolute; what came before start is not
     counted; an unresolved pause intent is a paused guest."""
-    h = make_harness(sqlite_url, make_settings([{"name": "h1", "uri": TEST_URI}]))
+    h = make_harness(db_url, make_settings([{"name": "h1", "uri": TEST_URI}]))
     pings = HostPings(h.ctx.hypervisors)
     metrics = ServiceMetrics(session_factory=h.session_factory, host_pings=pings, is_leader=bool)
     try:
@@ -157,3 +159,25 @@ def test_counters_follow_the_recorded_events_since_start(sqlite_url):
     finally:
         pings.close()
         h.ctx.close()
+
+
+@pytest.mark.qemu
+def test_clock_skew_of_real_guests_is_counted_as_an_absolute_value(tmp_path, bed_guests):
+    svc = Service(tmp_path, hosts=host_block("local", QEMU_URI)).start()
+    try:
+        client = Client(svc, svc.token("operator", "ci"))
+        job_id = client.http.post(
+            "/api/v1/jobs", json={"hosts": ["local"], "runbook": "noop"}
+        ).json()["id"]
+        job = client.wait(job_id, {"succeeded"}, timeout=60)
+        skews = [g["clock_skew_ms"] for g in job["guests"] if g["clock_skew_ms"] is not None]
+        assert len(skews) >= len(bed_guests), job["guests"]
+        m = samples(scrape(svc.url, token=svc.token("viewer", "prometheus")).text)
+        assert value(m, "maintctl_guest_clock_skew_seconds_count") == len(skews)
+        expected = sum(abs(s) for s in skews) / 1000
+        assert math.isclose(value(m, "maintctl_guest_clock_skew_seconds_sum"), expected)
+        pauses = [g["pause_ms"] for g in job["guests"] if g["pause_ms"] is not None]
+        assert value(m, "maintctl_guest_pause_seconds_count") == len(pauses) >= len(bed_guests)
+        assert value(m, "maintctl_host_reachable", host="local") == 1
+    finally:
+        svc.stop()

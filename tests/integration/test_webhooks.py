@@ -112,13 +112,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 @contextmanager
-def service(sqlite_url: str, test_driver, webhooks: list[dict[str, Any]]):
+def service(db_url: str, test_driver, webhooks: list[dict[str, Any]]):
     start_test_domains(test_driver, ["wh-a", "wh-b"])
     settings = make_settings([{"name": "h1", "uri": TEST_URI, "sync_clock": False}])
     settings = settings.model_copy(
         update={"webhooks": [WebhookConfig.model_validate(w) for w in webhooks]}
     )
-    h = make_harness(sqlite_url, settings)
+    h = make_harness(db_url, settings)
     with unit_of_work(h.session_factory) as s:
         token = create_token(s, name="ci", role=Role.OPERATOR, actor="test")[1]
     with TestClient(create_app(h.settings, ctx=h.ctx)) as client:
@@ -144,7 +144,7 @@ def hook(name: str, url: str, events: list[str], **kw: Any) -> dict[str, Any]:
     return {"name": name, "url": url, "secret": SECRET, "events": events, **kw}
 
 
-def test_job_and_host_changes_arrive_signed_and_each_delivery_is_recorded(sqlite_url, test_driver):
+def test_job_and_host_changes_arrive_signed_and_each_delivery_is_recorded(db_url, test_driver):
     with receiver() as rx:
         rx.delays["/slow"] = 1.5  # a slow endpoint must not slow any pause down
         hooks = [
@@ -152,7 +152,7 @@ def test_job_and_host_changes_arrive_signed_and_each_delivery_is_recorded(sqlite
             hook("maintenance", f"{rx.url}/maintenance", ["host.maintenance_*"]),
             hook("slow", f"{rx.url}/slow", ["job.*"], timeout_seconds=5),
         ]
-        with service(sqlite_url, test_driver, hooks) as (client, h):
+        with service(db_url, test_driver, hooks) as (client, h):
             job = run_job(client)
             got = rx.wait_for(
                 "/all", lambda g: any(r.payload["type"] == "job.succeeded" for r in g)
