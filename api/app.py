@@ -17,12 +17,15 @@ from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
 from api.metadata import MetadataListener, create_metadata_app
-from api.routes import events, health, hosts, jobs, runbooks, tokens
+from api.request_metrics import RequestDurations
+from api.routes import events, health, hosts, jobs, metrics, runbooks, tokens
 from controller.engine import EngineContext
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
 from controller.services.inventory import sync_config_hosts
+from controller.services.metrics import ServiceMetrics
 from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
+from controller.services.webhooks import WebhookSender
 from controller.settings import Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work
 from controller.work.notices import NoticePublisher
@@ -121,14 +124,26 @@ def create_app(
     )
     host_pings = HostPings(ctx.hypervisors)  # health's own threads, not ctx.pool
     token_uses = TokenUses()
+    service_metrics = ServiceMetrics(
+        session_factory=ctx.session_factory,
+        host_pings=host_pings,
+        is_leader=lambda: scheduler.is_leader,
+    )
+    webhooks = WebhookSender(
+        session_factory=ctx.session_factory,
+        webhooks=settings.webhooks,
+        is_leader=lambda: scheduler.is_leader,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with unit_of_work(ctx.session_factory) as s:
             sync_config_hosts(s, settings)
+        service_metrics.start()
         if run_scheduler:
             scheduler.start()
             publisher.start()
+            webhooks.start()  # sends only while this replica leads
         if listener is not None:
             listener.start()
         stamper = asyncio.create_task(_stamp_token_uses(token_uses, ctx.session_factory))
@@ -143,6 +158,7 @@ def create_app(
             if run_scheduler:
                 publisher.stop()
                 scheduler.shutdown()
+                webhooks.stop()
             host_pings.close()
             try:
                 token_uses.flush(session_factory=ctx.session_factory)
@@ -161,11 +177,14 @@ def create_app(
     app.state.publisher = publisher
     app.state.host_pings = host_pings
     app.state.token_uses = token_uses
+    app.state.metrics = service_metrics
+    app.state.webhooks = webhooks
     problems.install(app)
-    for module in (health, hosts, runbooks, jobs, events, tokens):
+    for module in (health, hosts, runbooks, jobs, events, tokens, metrics):
         app.include_router(module.router)
     _check_every_route_declares_a_role(app)
     app.add_middleware(InputScreen)
-    app.add_middleware(BodyLimit)  # added last, so it runs first: InputScreen reads its buffer
+    app.add_middleware(BodyLimit)  # added last but one, so it runs before InputScreen
+    app.add_middleware(RequestDurations, metrics=service_metrics)  # outermost: times it all
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

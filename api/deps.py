@@ -7,6 +7,7 @@ OpenAPI spec to prove every route declares one.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -25,6 +26,9 @@ from controller.work.scheduler import MaintenanceScheduler
 ROLE_KEY = "x-required-role"
 PUBLIC = "none"
 ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only when auth is off, which only loopback allows
+# A route that also answers, without a token, the addresses in [server] metrics_allow.
+SCRAPER_KEY = "x-allow-scraper-addresses"
+SCRAPER = Principal("scraper", Role.VIEWER)
 
 bearer = HTTPBearer(auto_error=False, description="An API token: maintctl token create")
 
@@ -32,6 +36,22 @@ bearer = HTTPBearer(auto_error=False, description="An API token: maintctl token 
 def requires(role: Role | None) -> dict[str, Any]:
     """Route kwargs that declare who may call it; None means public (healthz only)."""
     return {"openapi_extra": {ROLE_KEY: PUBLIC if role is None else role.value}}
+
+
+def requires_viewer_or_scraper() -> dict[str, Any]:
+    """Route kwargs: a viewer token, or no token from an address in [server] metrics_allow."""
+    return {"openapi_extra": {ROLE_KEY: Role.VIEWER.value, SCRAPER_KEY: True}}
+
+
+def _allowed_scraper(request: Request, settings: Settings) -> bool:
+    allow = settings.server.metrics_allow
+    if not allow or request.client is None:
+        return False
+    try:
+        address = ipaddress.ip_address(request.client.host)
+    except ValueError:
+        return False
+    return any(address in network for network in allow)
 
 
 def get_ctx(request: Request) -> EngineContext:
@@ -80,6 +100,9 @@ def authorize(
     ctx = get_ctx(request)
     if not ctx.settings.server.auth:
         request.state.principal = ANONYMOUS
+        return
+    if extra.get(SCRAPER_KEY) and _allowed_scraper(request, ctx.settings):
+        request.state.principal = SCRAPER
         return
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":

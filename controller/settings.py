@@ -6,6 +6,8 @@ runbook and pass parameters; it can never supply a command, so runbooks live onl
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -18,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -54,6 +57,8 @@ class ServerSettings(_Strict):
     bind: str = "127.0.0.1:8080"
     # Deny by default: turning auth off is allowed only on a loopback bind.
     auth: bool = True
+    # Addresses (CIDR) allowed to read GET /metrics without a token; empty: a viewer token only.
+    metrics_allow: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256)
 
     @field_validator("bind")
     @classmethod
@@ -250,6 +255,62 @@ class RunbookConfig(_Strict):
         return self
 
 
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
+# The event types a webhook can subscribe to (fnmatch patterns over them: "job.*", "host.*").
+WEBHOOK_TYPE_PATTERN = r"^[a-z*?\[\]!_.-]{1,64}$"
+# The secret shown in deploy/maintctl.toml.example: refused, so nobody runs with it.
+EXAMPLE_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105
+
+
+class WebhookConfig(_Strict):
+    """An endpoint that receives job and host state changes, signed the Standard Webhooks way."""
+
+    name: Name
+    url: str = Field(min_length=1, max_length=2048)
+    # "whsec_" + base64 of 24 to 64 random bytes (the key of the HMAC-SHA256 signature).
+    secret: str = Field(repr=False)
+    events: list[Annotated[str, Field(pattern=WEBHOOK_TYPE_PATTERN)]] = Field(
+        default_factory=lambda: ["job.*", "host.*"], min_length=1, max_length=64
+    )
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Attempts per message, the first included; the wait doubles from retry_initial_seconds.
+    max_attempts: int = Field(default=8, ge=1, le=30)
+    retry_initial_seconds: float = Field(default=1.0, ge=0.01, le=600)
+    retry_max_seconds: float = Field(default=300.0, ge=0.01, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if value == EXAMPLE_WEBHOOK_SECRET:
+            raise ValueError("is the example's secret: make one of your own (see the example)")
+        key = value.removeprefix(WEBHOOK_SECRET_PREFIX)
+        if key == value:
+            raise ValueError(f"must start with {WEBHOOK_SECRET_PREFIX} (then base64)")
+        try:
+            raw = base64.b64decode(key, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64 after whsec_") from None
+        if not 24 <= len(raw) <= 64:
+            raise ValueError(
+                "must hold 24 to 64 random bytes: "
+                'python3 -c \'import os,base64; print("whsec_" + '
+                "base64.b64encode(os.urandom(32)).decode())'"
+            )
+        return value
+
+    @property
+    def key(self) -> bytes:
+        return base64.b64decode(self.secret.removeprefix(WEBHOOK_SECRET_PREFIX))
+
+
 class MaintenanceSettings(_Strict):
     pause_budget_seconds: float = Field(default=30.0, gt=0, le=300)
     pause_budget_cap_seconds: float = Field(default=30.0, gt=0, le=300)
@@ -360,6 +421,7 @@ class Settings(BaseSettings):
     metadata: MetadataSettings = MetadataSettings()
     hosts: list[HostConfig] = Field(default_factory=list, max_length=10000)
     runbooks: dict[str, RunbookConfig] = Field(default_factory=dict, max_length=1000)
+    webhooks: list[WebhookConfig] = Field(default_factory=list, max_length=64)
 
     @classmethod
     def settings_customise_sources(
@@ -382,6 +444,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"host {host.name!r} is declared twice")
             seen.add(host.name)
         return hosts
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhook_names(cls, webhooks: list[WebhookConfig]) -> list[WebhookConfig]:
+        names = [w.name for w in webhooks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"webhook {twice[0]!r} is declared twice")
+        return webhooks
 
     @model_validator(mode="after")
     def _guardian_on_remote_hosts(self) -> Settings:

@@ -6,6 +6,7 @@ set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   python3 python3-venv python3-dev gcc make
+  systemd  # systemd-analyze: tests/unit/test_deploy_files.py verifies deploy/maintctl.service
 )
 [ "$#" -gt 0 ] && PACKAGES+=("$@")
 

@@ -1,0 +1,183 @@
+"""Prometheus metrics, read from what the service records: never a second bookkeeping.
+
+Gauges are read at scrape time from the database (unresolved pause intents), from a libvirt
+ping of each host and from the leader election, so they are right from the first scrape after a
+restart. Counters and histograms are the recorded events since this process started, read
+from the event log at scrape time (controller.services.event_tail): a restart starts them at
+zero, which Prometheus' rate() and increase() expect. Every replica reads the same event log,
+so with several replicas aggregate the counters with max(), not sum().
+
+The HTTP request histogram is the one series fed directly, by the API's middleware.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from controller.decisions.states import TERMINAL
+from controller.hosts.host_pings import HostPings
+from controller.services.event_tail import EventRecord, EventTail, latest_event_id
+from controller.store.db import unit_of_work
+from controller.store.models import Host, PauseIntent
+
+PING_TIMEOUT_SECONDS = 3.0
+PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 120)
+SKEW_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+JOB_OUTCOMES = sorted(s.value for s in TERMINAL)
+_JOB_FINISHED = {f"job_{outcome}": outcome for outcome in JOB_OUTCOMES}
+_CLOCK_KINDS = ("clock_synced", "clock_sync_failed")
+KINDS = frozenset(
+    {*_JOB_FINISHED, *_CLOCK_KINDS, "guest_resumed", "guest_recovered", "budget_exceeded"}
+)
+
+
+class _StateCollector(Collector):
+    """The gauges, read when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        host_pings: HostPings,
+        is_leader: Callable[[], bool],
+    ) -> None:
+        self._session_factory, self._pings, self._is_leader = session_factory, host_pings, is_leader
+
+    def collect(self) -> Iterable[Metric]:
+        with unit_of_work(self._session_factory, read_only=True) as s:
+            paused = s.scalar(
+                select(func.count())
+                .select_from(PauseIntent)
+                .where(PauseIntent.resolved_at.is_(None))
+            )
+            hosts = [(h.name, h.uri) for h in s.scalars(select(Host).order_by(Host.name))]
+        yield GaugeMetricFamily(
+            "maintctl_guests_paused",
+            "Guests paused by maintctl now (pause intents not yet resolved).",
+            value=paused or 0,
+        )
+        reachable = GaugeMetricFamily(
+            "maintctl_host_reachable",
+            "Whether the host's libvirt answers a ping (1) or not (0).",
+            labels=["host"],
+        )
+        for name, status in self._pings.ping_all(hosts, timeout=PING_TIMEOUT_SECONDS).items():
+            reachable.add_metric([name], 1 if status == "ok" else 0)
+        yield reachable
+        yield GaugeMetricFamily(
+            "maintctl_leader",
+            "Whether this replica leads (runs the timers, the sweep and takeovers).",
+            value=1 if self._is_leader() else 0,
+        )
+
+
+class ServiceMetrics:
+    """The registry /metrics renders; its counters follow the event log from process start."""
+
+    def __init__(
+        self,
+        *,
+        session_factory: sessionmaker[Session],
+        host_pings: HostPings,
+        is_leader: Callable[[], bool],
+    ) -> None:
+        self._session_factory = session_factory
+        self._lock = threading.Lock()
+        self._tail: EventTail | None = None  # opened at the first scrape or by start()
+        # No *_created series: they double the exposition and nothing here needs them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = (
+            CollectorRegistry()
+        )  # no collect() at registration: no database before start
+        r = self.registry
+        self.pause = Histogram(
+            "maintctl_guest_pause_seconds",
+            "How long each guest was paused, from its suspend to its resume.",
+            buckets=PAUSE_BUCKETS,
+            registry=r,
+        )
+        self.skew = Histogram(
+            "maintctl_guest_clock_skew_seconds",
+            "Absolute clock skew of each guest measured after its clock sync.",
+            buckets=SKEW_BUCKETS,
+            registry=r,
+        )
+        self.jobs = Counter(
+            "maintctl_jobs", "Jobs that ended, by outcome.", ["outcome"], registry=r
+        )
+        for outcome in JOB_OUTCOMES:
+            self.jobs.labels(outcome)
+        self.budget_exceeded = Counter(
+            "maintctl_budget_exceeded",
+            "Host cycles whose guests stayed paused past the pause budget.",
+            registry=r,
+        )
+        self.recovered = Counter(
+            "maintctl_guests_recovered",
+            "Guests settled by reconciliation after their job's runner was lost.",
+            registry=r,
+        )
+        self.http = Histogram(
+            "maintctl_http_request_duration_seconds",
+            "HTTP request duration by method, route template and status.",
+            ["method", "route", "status"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self._over_budget: set[tuple[int | None, str | None]] = set()
+        r.register(_StateCollector(session_factory, host_pings, is_leader))
+
+    def start(self) -> None:
+        """Count from here: events recorded before this process started are not counted."""
+        with self._lock, unit_of_work(self._session_factory, read_only=True) as s:
+            if self._tail is None:
+                self._tail = EventTail(after=latest_event_id(s), kinds=KINDS)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http.labels(method, route, str(status)).observe(seconds)
+
+    def render(self) -> bytes:
+        """The exposition in Prometheus' text format, after reading the newest events."""
+        self.start()
+        with self._lock:
+            assert self._tail is not None
+            while True:
+                with unit_of_work(self._session_factory, read_only=True) as s:
+                    events = self._tail.read(s, limit=5000)
+                for e in events:
+                    self._count(e)
+                if len(events) < 5000:
+                    break
+        return generate_latest(self.registry)
+
+    def _count(self, e: EventRecord) -> None:
+        d: dict[str, Any] = e.details or {}
+        if e.kind in _JOB_FINISHED:
+            self.jobs.labels(_JOB_FINISHED[e.kind]).inc()
+        elif e.kind == "budget_exceeded":
+            # The runbook's watchdog and the verdict may both record it for one host cycle.
+            key = (e.job_id, e.host)
+            if key not in self._over_budget:
+                self._over_budget.add(key)
+                self.budget_exceeded.inc()
+        if e.kind in ("guest_resumed", "guest_recovered") and d.get("pause_ms") is not None:
+            self.pause.observe(float(d["pause_ms"]) / 1000)
+        if e.kind == "guest_recovered":
+            self.recovered.inc()
+        if e.kind in (*_CLOCK_KINDS, "guest_recovered") and d.get("skew_ms") is not None:
+            self.skew.observe(abs(float(d["skew_ms"])) / 1000)
