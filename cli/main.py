@@ -29,6 +29,8 @@ config_app = typer.Typer(help="The configuration file.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
+metadata_app = typer.Typer(help="The guests' Scheduled Events listener.", no_args_is_help=True)
+app.add_typer(metadata_app, name="metadata")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -143,6 +145,23 @@ def token_create(
         _, secret = create_token(s, name=name, role=role, actor="cli")
     typer.echo(f"created {role.value} token {name!r}; it is shown only now:")
     typer.echo(secret)
+
+
+@metadata_app.command("token")
+@readable_errors
+def metadata_token(
+    guest: Annotated[str, typer.Argument(help="The guest's name, as in its events' Resources")],
+    config: ConfigOpt = None,
+) -> None:
+    """Print the guest-scoped token a guest may send as "Authorization: Bearer TOKEN" to the
+    metadata listener, where its source address does not identify it."""
+    from controller.services.scheduled_events import guest_token
+
+    secret = _settings(config).metadata.token_secret
+    if secret is None:
+        fail("[metadata] token_secret is not set: guest tokens are off")
+        return
+    typer.echo(guest_token(secret.get_secret_value(), guest))
 
 
 @config_app.command("check")

@@ -168,9 +168,7 @@ def test_a_guest_without_its_agent_gets_no_file_and_the_job_goes_on(bed, bed_gue
     missing = [e for e in out.events if e.kind == "scheduled_events_not_written"]
     assert [e.guest for e in missing] == [dead]
     assert missing[0].details["warning"] is True
-    assert not [
-        e for e in out.events if e.kind == "scheduled_events_written" and e.guest == dead
-    ]
+    assert not [e for e in out.events if e.kind == "scheduled_events_written" and e.guest == dead]
     hook = [e for e in out.events if e.kind == "guest_hook" and e.guest == dead]
     assert hook and hook[0].details["error"]  # recorded, not run
     for n in names:
