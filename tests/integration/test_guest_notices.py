@@ -35,7 +35,7 @@ HOOK_LOG = "/run/maintctl-hooks.log"
 @pytest.fixture
 def harness(bed, bed_guests, sqlite_url) -> Iterator[Harness]:
     for g in bed_guests:
-        bed.guest_exec(g.name, ["/bin/rm", "-f", HOOK_LOG, DOCUMENT])
+        bed.guest_exec(g.name, "/bin/rm", "-f", HOOK_LOG, DOCUMENT)
     h = make_harness(sqlite_url, make_settings([{"name": "h1", "uri": QEMU_URI}]))
     yield h
     h.ctx.close()
