@@ -71,7 +71,6 @@ from controller.hosts.runbooks import (
     runbook_env,
 )
 from controller.services import scheduled_events
-from controller.services.scheduled_events import Published
 from controller.settings import RunbookConfig
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.models import Host, Job, JobHost, utcnow
@@ -517,9 +516,12 @@ class HostCycle:
             return
         notices = self.ctx.notices
 
-        def tell(guest: GuestInfo) -> tuple[Published | None, str | None]:
+        def tell(guest: GuestInfo) -> None:
             doc = changed.get(guest.name)
-            error = notices.write(hv, guest.uuid, doc) if doc is not None else None
+            if doc is not None:
+                error = notices.write(hv, guest.uuid, doc)
+                with unit_of_work(self.ctx.session_factory) as s:
+                    notices.record_write(s, doc, self.spec.id, error)
             notices.freeze_once(
                 hv,
                 guest.uuid,
@@ -533,13 +535,8 @@ class HostCycle:
                     approve=False,
                 ),
             )
-            return doc, error
 
-        written = fan_out(self.ctx.pool, tell, targets)
-        with unit_of_work(self.ctx.session_factory) as s:
-            for doc, error in written:
-                if doc is not None:
-                    notices.record_write(s, doc, self.spec.id, error)
+        fan_out(self.ctx.pool, tell, targets)
 
     def _thaw(self, tasks: list[ResumeTask]) -> None:
         """After the guests resumed and their clocks were synced: their thaw hooks."""
