@@ -1,4 +1,4 @@
-"""maintctl: serve the API, manage the database and tokens.
+"""maintctl: serve the API, manage the database and tokens; as a client, submit and follow jobs.
 
 Errors are one readable paragraph on stderr and a non-zero exit code, never a traceback.
 """
@@ -14,6 +14,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from cli.jobs import hosts, jobs_app
+from cli.submit import submit
+from cli.watch import watch
 from controller.errors import MaintctlError
 from controller.services.tokens import Role
 from controller.settings import Settings, load_settings
@@ -31,6 +34,11 @@ app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
 metadata_app = typer.Typer(help="The guests' Scheduled Events listener.", no_args_is_help=True)
 app.add_typer(metadata_app, name="metadata")
+# The client commands (cli/client.py talks to a running server over HTTP).
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
+app.command()(hosts)
+app.command()(watch)
 
 ConfigOpt = Annotated[
     Path | None,
