@@ -107,7 +107,10 @@ class Submitted:
 class MaintctlClient:
     """One server and token; every method is one request (wait and stream_events repeat one)."""
 
-    def __init__(self, server: str, token: str | None, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, server: str, token: str | None, *, timeout: float = 10.0, poll_interval: float = 0.25
+    ) -> None:
+        self.poll_interval = poll_interval
         headers = {"User-Agent": USER_AGENT}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -183,14 +186,18 @@ class MaintctlClient:
 
     # --- waiting -----------------------------------------------------------------------------
 
-    def wait_ready(self, *, timeout: float, alive: Callable[[], bool] = lambda: True) -> JSON:
-        """Poll /healthz until the service answers (200 or a degraded 503), or give up when
-        `alive` says the server process is gone or `timeout` seconds have passed."""
+    def wait_ready(
+        self, *, timeout: float, alive: Callable[[], bool] = lambda: True, healthy: bool = False
+    ) -> JSON:
+        """Poll /healthz until the service answers (200, or also a degraded 503 unless
+        `healthy`), or give up when `alive` says the server process is gone or `timeout`
+        seconds have passed."""
         deadline = time.monotonic() + timeout
+        answers = (200,) if healthy else (200, 503)
         while True:
             try:
                 response = self.http.get("/healthz", timeout=1)
-                if response.status_code in (200, 503):
+                if response.status_code in answers:
                     data: JSON = response.json()
                     return data
             except httpx.TransportError:
@@ -202,10 +209,10 @@ class MaintctlClient:
     def wait(
         self,
         job_id: int,
-        *,
         until: Collection[str] = TERMINAL_STATES,
+        *,
         timeout: float | None = None,
-        interval: float = 0.25,
+        interval: float | None = None,
         on_poll: Callable[[JSON], None] | None = None,
         unreachable_grace: float = 30.0,
     ) -> JSON:
@@ -236,7 +243,7 @@ class MaintctlClient:
                     "it goes on running on the server",
                     job,
                 )
-            time.sleep(interval)
+            time.sleep(self.poll_interval if interval is None else interval)
 
     def stream_events(
         self,

@@ -15,6 +15,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
+class BadUsage(ClientError):
+    """Options that cannot go together or cannot be read (exit 2, like click's own)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class Output(StrEnum):
     TABLE = "table"
     JSON = "json"

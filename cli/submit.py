@@ -6,7 +6,6 @@ import os
 from datetime import datetime
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.progress import (
     BarColumn,
@@ -22,6 +21,7 @@ from cli.ci import idempotency_key, write_github
 from cli.client import JSON, WaitTimeout
 from cli.options import (
     DEFAULT_SERVER,
+    BadUsage,
     Output,
     OutputOpt,
     ServerOpt,
@@ -40,7 +40,7 @@ def pairs(values: list[str], option: str) -> dict[str, str]:
     for value in values:
         key, sep, val = value.partition("=")
         if not sep or not key:
-            raise click.UsageError(f"{option} wants key=value, not {value!r}")
+            raise BadUsage(f"{option} wants key=value, not {value!r}")
         out[key] = val
     return out
 
@@ -51,9 +51,9 @@ def timestamp(value: str | None, option: str) -> str | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise click.UsageError(f"{option}: {value!r} is not an ISO 8601 time") from None
+        raise BadUsage(f"{option}: {value!r} is not an ISO 8601 time") from None
     if parsed.tzinfo is None:
-        raise click.UsageError(f"{option}: give a time zone, e.g. {value}Z or {value}+01:00")
+        raise BadUsage(f"{option}: give a time zone, e.g. {value}Z or {value}+01:00")
     return parsed.isoformat()
 
 
@@ -71,7 +71,7 @@ def job_body(
     dry_run: bool,
 ) -> dict[str, Any]:
     if sum([bool(hosts), all_hosts, bool(selector)]) != 1:
-        raise click.UsageError("choose the hosts with one of --host, --all or --selector")
+        raise BadUsage("choose the hosts with one of --host, --all or --selector")
     body: dict[str, Any] = {"runbook": runbook, "params": pairs(params, "--param")}
     if hosts:
         body["hosts"] = hosts
