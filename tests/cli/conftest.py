@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.service import MAINTCTL, Service, host_block
+from controller.services.tokens import Role, create_token
+from controller.store.db import make_engine, make_session_factory, unit_of_work
+from tests.e2e.service import MAINTCTL, Client, Service, host_block
 
 RUNBOOKS = """
 [runbooks.fail]
@@ -38,6 +40,10 @@ class Cli:
         env = {k: v for k, v in os.environ.items() if not k.startswith(CI_VARIABLES)}
         env |= {"MAINTCTL_SERVER": self.service.url, "MAINTCTL_TOKEN": self.operator}
         return env | extra
+
+    def api(self) -> Client:
+        """The Python client, for checking what the CLI did without another process."""
+        return Client(self.service, self.operator)
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -66,6 +72,11 @@ def maintctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         tmp_path_factory.mktemp("cli"), hosts=hosts, guardian=False, extra=RUNBOOKS
     ).start()
     try:
-        yield Cli(service, service.token("operator", "ci"), service.token("viewer", "watcher"))
+        # made in-process (`maintctl token create` is tested elsewhere): a second per token less
+        factory = make_session_factory(make_engine(service.db_url))
+        with unit_of_work(factory) as s:
+            operator = create_token(s, name="ci", role=Role.OPERATOR, actor="test")[1]
+            viewer = create_token(s, name="watcher", role=Role.VIEWER, actor="test")[1]
+        yield Cli(service, operator, viewer)
     finally:
         service.stop()
