@@ -53,6 +53,12 @@ class Unreachable(ClientError):
     exit_code = ExitCode.UNREACHABLE
 
 
+class BadServer(ClientError):
+    """--server is not an http(s) URL."""
+
+    exit_code = ExitCode.USAGE
+
+
 class WaitTimeout(ClientError):
     exit_code = ExitCode.WAIT_TIMEOUT
 
@@ -115,6 +121,12 @@ class MaintctlClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.server = server.rstrip("/")
+        try:
+            url = httpx.URL(self.server)
+        except httpx.InvalidURL as exc:
+            raise BadServer(f"--server {server!r} is not a URL: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise BadServer(f"--server {server!r} is not an http:// or https:// URL")
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -135,26 +147,33 @@ class MaintctlClient:
             raise problem_from(response)
         return response
 
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._decode(self.request(method, path, **kwargs))
+
+    def _decode(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                f"{self.server} answered {response.request.method} {response.request.url.path} "
+                "with something other than JSON; is it a maintctl server?"
+            ) from None
+
     def _unreachable(self, exc: Exception) -> Unreachable:
         reason = str(exc) or type(exc).__name__
         return Unreachable(f"cannot reach the maintctl server at {self.server}: {reason}")
 
     # --- resources -------------------------------------------------------------------------
 
-    def health(self) -> JSON:
-        response = self.http.get("/healthz")  # 503 still carries the document
-        data: JSON = response.json()
-        return data
-
     def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None) -> Submitted:
         """A job (201) or, with dry_run, its plan (200); a replayed key returns the first job."""
         headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
         response = self.request("POST", "/api/v1/jobs", json=dict(body), headers=headers)
         replayed = response.headers.get("Idempotent-Replayed") == "true"
-        return Submitted(response.json(), replayed)
+        return Submitted(self._decode(response), replayed)
 
     def job(self, job_id: int) -> JSON:
-        data: JSON = self.request("GET", f"/api/v1/jobs/{job_id}").json()
+        data: JSON = self._json("GET", f"/api/v1/jobs/{job_id}")
         return data
 
     def jobs(
@@ -165,23 +184,23 @@ class MaintctlClient:
             params["state"] = state
         if host:
             params["host"] = host
-        data: list[JSON] = self.request("GET", "/api/v1/jobs", params=params).json()
+        data: list[JSON] = self._json("GET", "/api/v1/jobs", params=params)
         return data
 
     def events(self, job_id: int) -> list[JSON]:
-        data: list[JSON] = self.request("GET", f"/api/v1/jobs/{job_id}/events").json()
+        data: list[JSON] = self._json("GET", f"/api/v1/jobs/{job_id}/events")
         return data
 
     def cancel(self, job_id: int) -> JSON:
-        data: JSON = self.request("POST", f"/api/v1/jobs/{job_id}/cancel").json()
+        data: JSON = self._json("POST", f"/api/v1/jobs/{job_id}/cancel")
         return data
 
     def abort(self, job_id: int) -> JSON:
-        data: JSON = self.request("POST", f"/api/v1/jobs/{job_id}/abort").json()
+        data: JSON = self._json("POST", f"/api/v1/jobs/{job_id}/abort")
         return data
 
     def hosts(self) -> list[JSON]:
-        data: list[JSON] = self.request("GET", "/api/v1/hosts").json()
+        data: list[JSON] = self._json("GET", "/api/v1/hosts")
         return data
 
     # --- waiting -----------------------------------------------------------------------------

@@ -157,7 +157,8 @@ def submit(
         bool, typer.Option(help="Wait for the job to end; the exit code tells how it ended")
     ] = False,
     timeout: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this many seconds (exit 3)")
+        float | None,
+        typer.Option(min=0, help="With --wait: give up after this many seconds (exit 3)"),
     ] = None,
     output: OutputOpt = Output.TABLE,
     strict: StrictOpt = False,

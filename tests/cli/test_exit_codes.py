@@ -110,6 +110,8 @@ def test_usage_errors_exit_2(maintctl):
     assert bad_param.returncode == 2 and "key=value" in bad_param.stderr
     naive = maintctl.run("submit", "--all", "--runbook", "noop", "--not-before", "2030-01-01T00:00")
     assert naive.returncode == 2 and "time zone" in naive.stderr
+    not_http = maintctl.run("hosts", MAINTCTL_SERVER="ftp://example.org")
+    assert not_http.returncode == 2 and "not an http:// or https:// URL" in not_http.stderr
     unknown_option = maintctl.run("jobs", "list", "--colour")
     assert unknown_option.returncode == 2 and "Traceback" not in unknown_option.stderr
     # refused by the server (422): a usage error too, as one paragraph
