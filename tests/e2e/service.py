@@ -6,9 +6,11 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-from cli.client import MaintctlClient, Unreachable
+from cli.client import JSON, TERMINAL_STATES, MaintctlClient, Unreachable
 
 REPO = Path(__file__).resolve().parents[2]
 MAINTCTL = REPO / ".venv" / "bin" / "maintctl"
@@ -137,3 +139,14 @@ class Client(MaintctlClient):
 
     def __init__(self, service: Service, token: str):
         super().__init__(service.url, token, poll_interval=0.05)
+
+    def wait(
+        self,
+        job_id: int,
+        until: Collection[str] = TERMINAL_STATES,
+        *,
+        timeout: float | None = 60,
+        **kwargs: Any,
+    ) -> JSON:
+        """As the CLI's, but a test never waits for ever: 60 s unless told."""
+        return super().wait(job_id, until, timeout=timeout, **kwargs)
