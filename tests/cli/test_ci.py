@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from tests.cli.conftest import one_paragraph
+
 GITHUB = {"GITHUB_RUN_ID": "9001", "GITHUB_RUN_ATTEMPT": "1", "GITHUB_JOB": "patch"}
 
 
@@ -72,3 +74,20 @@ def test_a_retried_gitlab_job_step_and_an_explicit_key_make_one_job_each(maintct
         "submit", "--host", "a", "--runbook", "noop", "--idempotency-key", "change-1234"
     )
     assert clash.returncode == 2 and "different request body" in clash.stderr
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(maintctl):
+    before = _job_count(maintctl)
+    r = maintctl.run("submit", "--all", "--runbook", "noop", "--dry-run", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] is True and plan["hosts"] == ["a", "b"]
+    assert [(w["update_domain"], w["hosts"]) for w in plan["waves"]] == [(0, ["a"]), (1, ["b"])]
+    assert {(g["host"], g["guest"], g["action"]) for g in plan["guests"]} == {
+        ("a", "test", "pause"),
+        ("b", "test", "pause"),
+    }
+    nobody = maintctl.run("submit", "--selector", "rack=r99", "--runbook", "noop", "--dry-run")
+    assert nobody.returncode == 2, nobody.stderr
+    assert "rack" in one_paragraph(nobody.stderr)
+    assert _job_count(maintctl) == before
