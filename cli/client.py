@@ -217,7 +217,7 @@ class MaintctlClient:
             try:
                 response = self.http.get("/healthz", timeout=1)
                 if response.status_code in answers:
-                    data: JSON = response.json()
+                    data: JSON = self._decode(response)
                     return data
             except httpx.TransportError:
                 pass
