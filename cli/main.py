@@ -1,6 +1,8 @@
-"""maintctl: serve the API, manage the database and tokens.
+"""maintctl: serve the API, manage the database and tokens; as a client, submit and follow jobs.
 
 Errors are one readable paragraph on stderr and a non-zero exit code, never a traceback.
+The server side (SQLAlchemy, settings) is imported only by the commands that use it, so that
+the client commands start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ import logging
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from cli.jobs import hosts, jobs_app
+from cli.submit import submit
+from cli.watch import watch
 from controller.errors import MaintctlError
-from controller.services.tokens import Role
-from controller.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from controller.settings import Settings
 
 app = typer.Typer(
     help="Memory-preserving host maintenance for libvirt/KVM.",
@@ -31,6 +36,11 @@ app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
 metadata_app = typer.Typer(help="The guests' Scheduled Events listener.", no_args_is_help=True)
 app.add_typer(metadata_app, name="metadata")
+# The client commands (cli/client.py talks to a running server over HTTP).
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
+app.command()(hosts)
+app.command()(watch)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -42,6 +52,8 @@ ConfigOpt = Annotated[
     ),
 ]
 F = TypeVar("F", bound=Callable[..., Any])
+# The values of controller.services.tokens.Role (tests/cli/test_units.py checks they agree).
+RoleName = Literal["viewer", "operator", "admin"]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -58,20 +70,26 @@ def readable_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MaintctlError as exc:
             fail(str(exc))
-        except OperationalError as exc:
-            fail(
-                f"the database cannot be used: {exc.orig}. Check database.url "
-                "(or MAINTCTL_DATABASE_URL) and run `maintctl db upgrade`."
-            )
-        except SQLAlchemyError as exc:
-            fail(f"database error: {exc}")
         except OSError as exc:
             fail(str(exc))
+        except Exception as exc:
+            from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+            if isinstance(exc, OperationalError):
+                fail(
+                    f"the database cannot be used: {exc.orig}. Check database.url "
+                    "(or MAINTCTL_DATABASE_URL) and run `maintctl db upgrade`."
+                )
+            if isinstance(exc, SQLAlchemyError):
+                fail(f"database error: {exc}")
+            raise
 
     return wrapper  # type: ignore[return-value]
 
 
 def _settings(config: Path | None) -> Settings:
+    from controller.settings import load_settings
+
     return load_settings(config)
 
 
@@ -130,20 +148,20 @@ def db_downgrade(revision: str, config: ConfigOpt = None) -> None:
 @token_app.command("create")
 @readable_errors
 def token_create(
-    role: Annotated[Role, typer.Option(help="viewer, operator or admin")],
+    role: Annotated[RoleName, typer.Option(help="viewer, operator or admin")],
     name: Annotated[str, typer.Option(help="Who uses it; recorded with each of its actions")],
     config: ConfigOpt = None,
 ) -> None:
     """Create an API token; the token alone is the last line of stdout, shown once."""
-    from controller.services.tokens import create_token
+    from controller.services.tokens import Role, create_token
     from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
 
     settings = _settings(config)
     upgrade(settings.database.url)  # like serve: a first token needs no separate step
     factory = make_session_factory(make_engine(settings.database.url))
     with unit_of_work(factory) as s:
-        _, secret = create_token(s, name=name, role=role, actor="cli")
-    typer.echo(f"created {role.value} token {name!r}; it is shown only now:")
+        _, secret = create_token(s, name=name, role=Role(role), actor="cli")
+    typer.echo(f"created {role} token {name!r}; it is shown only now:")
     typer.echo(secret)
 
 

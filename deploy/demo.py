@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+from cli.client import MaintctlClient, Unreachable
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".demo"
@@ -72,16 +72,11 @@ def start_service() -> None:
         start_new_session=True,
     )
     PIDFILE.write_text(str(proc.pid))
-    for _ in range(300):
+    with MaintctlClient(URL, None) as client:
         try:
-            if httpx.get(f"{URL}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            sys.exit(f"demo: the service exited; see {STATE / 'serve.log'}")
-        time.sleep(0.1)
-    sys.exit(f"demo: the service did not answer on {URL}; see {STATE / 'serve.log'}")
+            client.wait_ready(timeout=30, alive=lambda: proc.poll() is None, healthy=True)
+        except Unreachable:
+            sys.exit(f"demo: the service did not come up on {URL}; see {STATE / 'serve.log'}")
 
 
 def main() -> int:
@@ -119,22 +114,14 @@ def main() -> int:
         .stdout.strip()
         .splitlines()[-1]
     )
-    api = httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    api = MaintctlClient(URL, token)
 
     say("submitting a maintenance job through the REST API: runbook sleep, seconds=2 ...")
-    r = api.post(
-        "/api/v1/jobs",
-        json={"hosts": ["local"], "runbook": "sleep", "params": {"seconds": "2"}},
-        headers={"Idempotency-Key": f"demo-{time.time_ns()}"},
-    )
-    r.raise_for_status()
-    job_id = r.json()["id"]
-    while (job := api.get(f"/api/v1/jobs/{job_id}").json())["state"] in {
-        "scheduled",
-        "notifying",
-        "running",
-    }:
-        time.sleep(0.2)
+    job_id = api.submit(
+        {"hosts": ["local"], "runbook": "sleep", "params": {"seconds": "2"}},
+        idempotency_key=f"demo-{time.time_ns()}",
+    ).job["id"]
+    job = api.wait(job_id)
 
     print()
     print(f"job {job_id}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""))
@@ -151,6 +138,7 @@ def main() -> int:
     print(f"dashboard (API docs until the dashboard lands): {URL}/docs")
     print(f"this job:       curl -H 'Authorization: Bearer {token}' {URL}/api/v1/jobs/{job_id}")
     print(f"live events:    curl -N -H 'Authorization: Bearer {token}' {URL}/api/v1/events/stream")
+    print(f"watch this job: MAINTCTL_TOKEN={token} {MAINTCTL} watch {job_id} --server {URL}")
     print("stop the demo:  make demo-stop")
     return 0 if job["state"] == "succeeded" else 1
 

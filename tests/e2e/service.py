@@ -6,10 +6,11 @@ import os
 import signal
 import socket
 import subprocess
-import time
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-import httpx
+from cli.client import JSON, TERMINAL_STATES, MaintctlClient, Unreachable
 
 REPO = Path(__file__).resolve().parents[2]
 MAINTCTL = REPO / ".venv" / "bin" / "maintctl"
@@ -104,16 +105,15 @@ class Service:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        deadline = time.monotonic() + 30
-        while True:
+        proc = self.proc
+        with MaintctlClient(self.url, None) as client:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code in (200, 503):
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"maintctl serve did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
+                client.wait_ready(timeout=30, alive=lambda: proc.poll() is None)
+            except Unreachable:
+                raise RuntimeError(
+                    f"maintctl serve did not start:\n{self.log.read_text()}"
+                ) from None
+        return self
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -130,25 +130,23 @@ class Service:
                 self.proc.wait()
 
 
-class Client:
+class Client(MaintctlClient):
+    """The CLI's client (cli/client.py) for a test's service, polling every 50 ms.
+
+    `client.wait(job_id, {"succeeded"}, timeout=30)` returns the job or raises WaitTimeout;
+    `client.http` is the underlying httpx client for requests a test makes by hand.
+    """
+
     def __init__(self, service: Service, token: str):
-        self.http = httpx.Client(
-            base_url=service.url, timeout=10, headers={"Authorization": f"Bearer {token}"}
-        )
+        super().__init__(service.url, token, poll_interval=0.05)
 
-    def job(self, job_id: int) -> dict:
-        r = self.http.get(f"/api/v1/jobs/{job_id}")
-        r.raise_for_status()
-        return r.json()
-
-    def events(self, job_id: int) -> list[dict]:
-        return self.http.get(f"/api/v1/jobs/{job_id}/events").json()
-
-    def wait(self, job_id: int, states: set[str], timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if job["state"] in states:
-                return job
-            assert time.monotonic() < deadline, f"job {job_id} stuck in {job['state']}"
-            time.sleep(0.05)
+    def wait(
+        self,
+        job_id: int,
+        until: Collection[str] = TERMINAL_STATES,
+        *,
+        timeout: float | None = 60,
+        **kwargs: Any,
+    ) -> JSON:
+        """As the CLI's, but a test never waits for ever: 60 s unless told."""
+        return super().wait(job_id, until, timeout=timeout, **kwargs)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
+from cli.sse import parse_sse
 from tests.conftest import QEMU_URI
 from tests.e2e.service import MAINTCTL, Client, Service, host_block
 
@@ -40,22 +40,14 @@ def test_a_job_scheduled_5_s_ahead_starts_within_1_s_of_it(service, bed_guests):
 
 
 def _read_sse(url: str, headers: dict[str, str], count: int) -> list[dict]:
-    events, current = [], {}
+    events = []
     with httpx.stream("GET", url, headers=headers, timeout=10) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("id:"):
-                current["id"] = int(line[3:].strip())
-            elif line.startswith("event:"):
-                current["event"] = line[6:].strip()
-            elif line.startswith("data:"):
-                current["data"] = json.loads(line[5:].strip())
-            elif not line and "id" in current:
-                events.append(current)
-                current = {}
-                if len(events) == count:
-                    break
+        for e in parse_sse(response.iter_lines()):
+            events.append({"id": e.id, "event": e.event, "data": e.json()})
+            if len(events) == count:
+                break
     return events
 
 
