@@ -5,14 +5,19 @@ Leaves the service and the guests running so you can look around; `make demo-sto
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.client import MaintctlClient, Unreachable
+
+if TYPE_CHECKING:
+    from tests.testbed import TestBed
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".demo"
@@ -30,6 +35,15 @@ bind = "127.0.0.1:8080"
 [database]
 url = "sqlite:///{db}"
 journal_path = "{journal}"
+
+# Scheduled Events: the guests' metadata listener (in production on 169.254.169.254:80 on
+# the guests' bridge). This host's loopback address stands for the first demo guest.
+[metadata]
+bind = "127.0.0.1:8081"
+grace_seconds = 5
+
+[metadata.source_addresses]
+"127.0.0.1" = "mtbed-demo-1"
 
 [[hosts]]
 name = "local"
@@ -79,6 +93,27 @@ def start_service() -> None:
             sys.exit(f"demo: the service did not come up on {URL}; see {STATE / 'serve.log'}")
 
 
+NOTICE_SECONDS = 60
+DOCUMENT = "/run/maintctl/scheduledevents.json"
+
+
+def show_notice(bed: TestBed, guest: str) -> None:
+    """Print the Scheduled Events document as the guest saw it, read inside the guest."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        code, text = bed.guest_exec(guest, "/bin/cat", DOCUMENT)
+        if code == 0 and '"Events": [{' in text:
+            say(f"{guest} received its notice; {DOCUMENT} inside the guest reads:")
+            print(json.dumps(json.loads(text), indent=2))
+            say(
+                "its freeze hook (/etc/maintctl/hooks.d/10-clock) exits 0, which approves the "
+                f"event: the job starts now instead of after the {NOTICE_SECONDS} s notice"
+            )
+            return
+        time.sleep(0.3)
+    say(f"{guest} got no Scheduled Events document within 30 s")
+
+
 def main() -> int:
     from tests.testbed import TestBed  # the same bed the tests use
 
@@ -116,12 +151,24 @@ def main() -> int:
     )
     api = MaintctlClient(URL, token)
 
-    say("submitting a maintenance job through the REST API: runbook sleep, seconds=2 ...")
+    say(
+        "submitting a maintenance job through the REST API: runbook sleep, seconds=2, with a "
+        f"{NOTICE_SECONDS} s notice ..."
+    )
     job_id = api.submit(
-        {"hosts": ["local"], "runbook": "sleep", "params": {"seconds": "2"}},
+        {
+            "hosts": ["local"],
+            "runbook": "sleep",
+            "params": {"seconds": "2"},
+            "notice_seconds": NOTICE_SECONDS,
+        },
         idempotency_key=f"demo-{time.time_ns()}",
     ).job["id"]
+    show_notice(bed, GUESTS[0])
     job = api.wait(job_id)
+    print()
+    say(f"what {GUESTS[0]}'s hook wrote (phase, EventId, the guest's own clock):")
+    print(bed.guest_exec(GUESTS[0], "/bin/cat", "/run/maintctl-hooks.log")[1].rstrip())
 
     print()
     print(f"job {job_id}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""))
@@ -138,6 +185,10 @@ def main() -> int:
     print(f"dashboard (API docs until the dashboard lands): {URL}/docs")
     print(f"this job:       curl -H 'Authorization: Bearer {token}' {URL}/api/v1/jobs/{job_id}")
     print(f"live events:    curl -N -H 'Authorization: Bearer {token}' {URL}/api/v1/events/stream")
+    print(
+        "as the guest asks: curl -s -H 'Metadata: true' "
+        "'http://127.0.0.1:8081/metadata/scheduledevents?api-version=2020-07-01'"
+    )
     print(f"watch this job: MAINTCTL_TOKEN={token} {MAINTCTL} watch {job_id} --server {URL}")
     print("stop the demo:  make demo-stop")
     return 0 if job["state"] == "succeeded" else 1
