@@ -498,6 +498,15 @@ class HostCycle:
         """Before the first pause (outside the budget): the host's Scheduled Event lists the
         guests it pauses and says Started, each guest's document is written into it, and its
         freeze hooks have run (during the notice, or now)."""
+        try:
+            self._publish_and_tell(hv, targets)
+        except Exception as exc:
+            if is_database_outage(exc):
+                raise  # nothing is paused: the job fails as database_unavailable
+            # The notice is advice to the guests: its failure never keeps a host unpatched.
+            log.exception("Scheduled Events of %s not published", self.host.name)
+
+    def _publish_and_tell(self, hv: Hypervisor, targets: list[GuestInfo]) -> None:
         lease = self.keeper.lease_of(self.host.name)
         if lease is None or not targets:
             return
@@ -522,6 +531,8 @@ class HostCycle:
                 error = notices.write(hv, guest.uuid, doc)
                 with unit_of_work(self.ctx.session_factory) as s:
                     notices.record_write(s, doc, self.spec.id, error)
+                if error is not None:
+                    return  # its agent does not answer: no hook either, no second wait for it
             notices.freeze_once(
                 hv,
                 guest.uuid,

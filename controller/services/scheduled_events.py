@@ -17,13 +17,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from controller.decisions.scheduled_events import Notice, digest, guest_events
 from controller.decisions.states import ItemState
 from controller.store.events import record_event
-from controller.store.models import Counter, GuestDocument, Job, JobGuest, JobHost, utcnow
+from controller.store.models import (
+    Counter,
+    GuestDocument,
+    Job,
+    JobGuest,
+    JobHost,
+    PauseIntent,
+    utcnow,
+)
 
 INCARNATION = "scheduled_events_incarnation"
 ENDED_RUN = tuple(
@@ -42,18 +51,25 @@ class Published:
     digest: str
 
 
+def _insert_missing(session: Session, model: Any, rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: of two replicas adding one row, neither fails."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(model).values(rows).on_conflict_do_nothing())
+
+
 def next_incarnation(session: Session) -> int:
+    """The next DocumentIncarnation: one row, incremented under its row lock."""
+    _insert_missing(session, Counter, [{"name": INCARNATION, "value": 0}])
     row = session.execute(
         update(Counter)
         .where(Counter.name == INCARNATION)
         .values(value=Counter.value + 1)
         .returning(Counter.value)
-    ).one_or_none()
-    if row is not None:
-        return int(row.value)
-    session.add(Counter(name=INCARNATION, value=1))
-    session.flush()
-    return 1
+    ).one()
+    return int(row.value)
 
 
 def _expected_pause(session: Session, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -125,28 +141,35 @@ def publish(
     for n in notices:
         for guest in n.resources:
             host_of[guest] = n.host
+    wanted = set(host_of) if only is None else set(host_of) & only
+    empty = digest([])
+    _insert_missing(
+        session,
+        GuestDocument,
+        [
+            {"guest": g, "incarnation": 0, "digest": empty, "events": [], "addresses": []}
+            | {"updated_at": now}
+            for g in sorted(wanted)
+        ],
+    )
+    concerned: ColumnElement[bool] = GuestDocument.guest.in_(wanted)
+    if only is None:  # also those whose events are gone
+        concerned = concerned | (GuestDocument.digest != empty)
+    query = select(GuestDocument).where(concerned)
     stored = {
-        d.guest: d
-        for d in session.scalars(
-            select(GuestDocument).where(
-                GuestDocument.guest.in_(host_of) | (GuestDocument.digest != digest([]))
-            )
-        )
+        d.guest: d for d in session.scalars(query.order_by(GuestDocument.guest).with_for_update())
     }
     changed = []
-    for guest in sorted(set(host_of) | set(stored)):
+    for guest in sorted(stored):
         if only is not None and guest not in only:
             continue
         events = guest_events(notices, guest)
         new = digest(events)
-        doc = stored.get(guest)
-        if doc is not None and doc.digest == new:
+        doc = stored[guest]
+        if doc.digest == new and doc.incarnation > 0:
             continue
         incarnation = next_incarnation(session)
-        host = host_of.get(guest, doc.host if doc is not None else None)
-        if doc is None:
-            doc = GuestDocument(guest=guest, addresses=[])
-            session.add(doc)
+        host = host_of.get(guest, doc.host)
         doc.incarnation, doc.digest, doc.events = incarnation, new, events
         doc.host, doc.updated_at = host, now
         changed.append(Published(guest, host, incarnation, events, new))
@@ -170,9 +193,14 @@ def mark_pushed(session: Session, guest: str, pushed: str) -> None:
 
 
 def unpushed(session: Session) -> list[Published]:
-    """Documents not yet written into their guest (their guests' items do not run)."""
+    """Documents not yet written into their guest, unless the guest's host runs a cycle or the
+    guest may still be paused (an open pause intent: recovery resumes it first). An agent call
+    must never queue in front of a resume's clock sync."""
     running_hosts = set(
         session.scalars(select(JobHost.host).where(JobHost.state == ItemState.RUNNING.value))
+    )
+    maybe_paused = set(
+        session.scalars(select(PauseIntent.guest).where(PauseIntent.resolved_at.is_(None)))
     )
     docs = session.scalars(
         select(GuestDocument).where(
@@ -183,7 +211,7 @@ def unpushed(session: Session) -> list[Published]:
     return [
         Published(d.guest, d.host, int(d.incarnation), list(d.events), d.digest)
         for d in docs
-        if d.host not in running_hosts
+        if d.host not in running_hosts and d.guest not in maybe_paused
     ]
 
 
