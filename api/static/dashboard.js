@@ -43,7 +43,14 @@
     "/api/v1/events/stream?typed=false&after=" + encodeURIComponent(root.dataset.lastEventId)
   );
   source.onopen = function () { live.textContent = "live"; live.className = "live on"; };
-  source.onerror = function () { live.textContent = "reconnecting…"; live.className = "live off"; };
+  source.onerror = function () {
+    live.className = "live off";
+    if (source.readyState !== EventSource.CLOSED) { live.textContent = "reconnecting…"; return; }
+    // Refused (the session ended, or the server is gone): load the page again in a while,
+    // which shows the login form or opens a new stream.
+    live.textContent = "disconnected";
+    window.setTimeout(function () { window.location.reload(); }, 5000);
+  };
   source.onmessage = function (message) {
     show(JSON.parse(message.data));
     if (pending === null) { pending = window.setTimeout(refresh, 300); }

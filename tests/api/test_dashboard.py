@@ -80,6 +80,27 @@ def test_the_json_shows_hosts_jobs_guest_outcomes_pauses_and_events(api):
     assert board["events"][0]["kind"] == "job_created"
 
 
+def test_host_states_notifying_and_unreachable(api, tmp_path):
+    dead = {"name": "gone", "uri": f"test://{tmp_path}/no-such-node.xml", "update_domain": 2}
+    assert api.post("/api/v1/hosts", role="admin", json=dead).status_code == 201
+    job = api.post(
+        "/api/v1/jobs", json={"hosts": ["h1"], "runbook": "noop", "notice_seconds": 60}
+    ).json()
+    api.wait_state(job["id"], {"notifying"})
+    board = api.get("/api/v1/dashboard").json()
+    states = {h["name"]: (h["state"], h["job_id"]) for d in board["domains"] for h in d["hosts"]}
+    assert states == {"h1": ("notifying", job["id"]), "gone": ("unreachable", None)}
+    assert [d["update_domain"] for d in board["domains"]] == [0, 2]
+    [shown] = board["jobs"]
+    assert shown["state"] == "notifying" and shown["items"][0]["state"] == "notifying"
+    page = api.get("/dashboard/panels")
+    assert '<tr data-host="gone" data-state="unreachable">' in page.text
+    assert f'<div class="job" data-job-id="{job["id"]}" data-state="notifying">' in page.text
+    assert api.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 200
+    idle = api.get("/api/v1/dashboard").json()
+    assert idle["jobs"] == [] and idle["domains"][0]["hosts"][0]["state"] == "idle"
+
+
 def test_pages_without_a_session_answer_401_with_the_login_form(api):
     page = api.client.get("/dashboard")
     assert page.status_code == 401
