@@ -71,9 +71,12 @@ templates.filters["clock"] = _clock
 templates.filters["stamp"] = _stamp
 
 
-def _page(template: str, status: int = 200, **context: Any) -> HTMLResponse:
+def _page(
+    template: str, status: int = 200, headers: dict[str, str] | None = None, **context: Any
+) -> HTMLResponse:
     html = templates.get_template(template).render(**context)
-    return HTMLResponse(html, status_code=status, headers={"Content-Security-Policy": CSP})
+    headers = {"Content-Security-Policy": CSP} | (headers or {})
+    return HTMLResponse(html, status_code=status, headers=headers)
 
 
 def _unreachable(session: Session, pings: HostPings) -> set[str]:
@@ -180,7 +183,12 @@ async def login(request: Request) -> Response:
         return _page("login.html", 422, error="Paste an API token.")
     opened = await run_in_threadpool(_open, get_ctx(request).session_factory, token)
     if opened is None:
-        return _page("login.html", 401, error="That token is unknown or revoked.")
+        return _page(
+            "login.html",
+            401,
+            {"WWW-Authenticate": "Bearer"},
+            error="That token is unknown or revoked.",
+        )
     response = RedirectResponse("/dashboard", status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
@@ -252,4 +260,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired) -> HTMLResponse:
-        return _page("login.html", 401, error=None, expired=SESSION_COOKIE in request.cookies)
+        return _page(
+            "login.html",
+            401,
+            {"WWW-Authenticate": "Bearer"},
+            error=None,
+            expired=SESSION_COOKIE in request.cookies,
+        )

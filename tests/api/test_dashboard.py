@@ -105,6 +105,7 @@ def test_pages_without_a_session_answer_401_with_the_login_form(api):
     page = api.client.get("/dashboard")
     assert page.status_code == 401
     assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["www-authenticate"] == "Bearer"
     assert '<form class="card" method="post" action="/dashboard/login">' in page.text
     assert api.client.get("/dashboard/panels").status_code == 401
     assert_problem(api.client.get("/api/v1/dashboard"), 401, "missing bearer token")
