@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from controller.engine import EngineContext
 from controller.hosts.host_pings import HostPings
+from controller.services.browser_sessions import SESSION_COOKIE, session_principal
 from controller.services.tokens import Principal, Role, TokenUses, authenticate
 from controller.settings import Settings
 from controller.store.db import unit_of_work
@@ -24,18 +25,29 @@ from controller.store.models import utcnow
 from controller.work.scheduler import MaintenanceScheduler
 
 ROLE_KEY = "x-required-role"
+LOGIN_FORM_KEY = "x-login-form"
 PUBLIC = "none"
 ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only when auth is off, which only loopback allows
 # A route that also answers, without a token, the addresses in [server] metrics_allow.
 SCRAPER_KEY = "x-allow-scraper-addresses"
 SCRAPER = Principal("scraper", Role.VIEWER)
+# A browser session cookie counts only on these: a cross-site request can never make it write.
+READ_METHODS = ("GET", "HEAD")
 
 bearer = HTTPBearer(auto_error=False, description="An API token: maintctl token create")
 
 
-def requires(role: Role | None) -> dict[str, Any]:
-    """Route kwargs that declare who may call it; None means public (healthz only)."""
-    return {"openapi_extra": {ROLE_KEY: PUBLIC if role is None else role.value}}
+def requires(role: Role | None, *, login_form: bool = False) -> dict[str, Any]:
+    """Route kwargs that declare who may call it; None means public (healthz only). A page for
+    browsers asks for login_form: its 401 is the login form (LoginRequired) instead of a problem."""
+    extra: dict[str, Any] = {ROLE_KEY: PUBLIC if role is None else role.value}
+    if login_form:
+        extra[LOGIN_FORM_KEY] = True
+    return {"openapi_extra": extra}
+
+
+class LoginRequired(HTTPException):
+    """A 401 on a page for browsers; api/routes/dashboard.py answers it with the login form."""
 
 
 def requires_viewer_or_scraper() -> dict[str, Any]:
@@ -105,16 +117,29 @@ def authorize(
         request.state.principal = SCRAPER
         return
     challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(401, "missing bearer token", headers=challenge)
-    with unit_of_work(ctx.session_factory, read_only=True) as s:
-        principal = authenticate(s, credentials.credentials)
-    if principal is None:
-        raise HTTPException(401, "invalid or revoked token", headers=challenge)
+    unauthenticated = LoginRequired if extra.get(LOGIN_FORM_KEY) else HTTPException
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if credentials is None and cookie and request.method in READ_METHODS:
+        principal = _session_principal(ctx, cookie)
+        if principal is None:
+            raise unauthenticated(401, "the session expired or its token was revoked: log in")
+    elif credentials is None or credentials.scheme.lower() != "bearer":
+        raise unauthenticated(401, "missing bearer token", headers=challenge)
+    else:
+        with unit_of_work(ctx.session_factory, read_only=True) as s:
+            principal = authenticate(s, credentials.credentials)
+        if principal is None:
+            raise unauthenticated(401, "invalid or revoked token", headers=challenge)
     get_token_uses(request).note(principal, utcnow())  # written later, off the request path
     if not principal.role.allows(Role(required)):
         raise HTTPException(403, f"role {principal.role.value} may not do this; needs {required}")
     request.state.principal = principal
+
+
+def _session_principal(ctx: EngineContext, cookie: str) -> Principal | None:
+    """A dashboard session (controller/services/browser_sessions.py): a viewer, reads only."""
+    with unit_of_work(ctx.session_factory, read_only=True) as s:
+        return session_principal(s, cookie, now=utcnow())
 
 
 def get_principal(request: Request) -> Principal:

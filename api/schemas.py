@@ -322,3 +322,94 @@ class Health(BaseModel):
     leader: bool = Field(
         description="Whether this replica runs the timers and the sweep (one replica at a time)."
     )
+
+
+# --- the dashboard (controller/services/dashboard.py) --------------------------------------------
+
+
+class DashboardHostPublic(_Out):
+    name: str
+    update_domain: int
+    state: Literal["idle", "notifying", "in_maintenance", "unreachable"]
+    guests: int = Field(description="Guests last seen on the host (refreshed at each preflight)")
+    paused: int = Field(description="Of those, guests last seen paused")
+    job_id: int | None = Field(description="The open job holding the host, if any")
+
+
+class DashboardDomainPublic(_Out):
+    update_domain: int
+    hosts: list[DashboardHostPublic]
+
+
+class DashboardItemPublic(_Out):
+    host: str
+    wave: int
+    state: str
+
+
+class DashboardJobPublic(_Out):
+    id: int
+    state: str
+    runbook: str
+    hosts: list[str]
+    not_before: Timestamp | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    current_wave: int | None
+    waves_total: int
+    waves_done: int
+    hosts_total: int
+    hosts_done: int
+    items: list[DashboardItemPublic] = Field(description="Each host's progress, in rollout order")
+
+
+class DashboardGuestPublic(_Out):
+    host: str
+    guest: str
+    status: str | None
+    pause_ms: float | None
+    budget_ms: float
+    clock_skew_ms: float | None
+    sync_outcome: str | None
+    note: str | None = Field(description="Why the guest was skipped or flagged")
+
+
+class DashboardLatestJobPublic(_Out):
+    id: int
+    state: str
+    runbook: str
+    pause_budget_seconds: float
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    guests: list[DashboardGuestPublic]
+
+
+class DashboardPausesPublic(_Out):
+    job_id: int
+    state: str
+    pause_budget_seconds: float
+    pauses_ms: list[float]
+
+
+class DashboardEventPublic(_Out):
+    id: int
+    at: Timestamp
+    kind: str
+    job_id: int | None
+    host: str | None
+    guest: str | None
+    message: str
+
+
+class DashboardPublic(_Out):
+    pause_budget_seconds: float = Field(description="The default pause budget (the chart's line)")
+    domains: list[DashboardDomainPublic] = Field(description="Hosts by update domain")
+    jobs: list[DashboardJobPublic] = Field(description="Running jobs, then upcoming ones")
+    latest_job: DashboardLatestJobPublic | None = Field(
+        description="The newest job that has started, with each guest's outcome"
+    )
+    pause_history: list[DashboardPausesPublic] = Field(
+        description="Measured guest pauses of recent jobs, oldest first"
+    )
+    events: list[DashboardEventPublic] = Field(description="The latest events, newest first")
+    last_event_id: int = Field(description="Stream from here: /api/v1/events/stream?after=")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The test bed's own needs, on top of deploy/install-debian.sh: what builds the guest image,
 # a real PostgreSQL server, and a login role the tests use; sshd and Debian's python3-libvirt
-# for the remote host over SSH (tests/sshbed.py starts its own sshd). Idempotent.
+# for the remote host over SSH (tests/sshbed.py starts its own sshd); Debian's chromium, which
+# the dashboard's browser test drives through Playwright (no browser download). Idempotent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/../deploy/install-debian.sh" qemu-guest-agent busybox-static cpio kmod postgresql \
-  postgresql-client util-linux openssh-server python3-libvirt
+  postgresql-client util-linux openssh-server python3-libvirt chromium
 
 cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
 if [ -z "$cluster" ]; then

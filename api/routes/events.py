@@ -48,6 +48,13 @@ async def stream_events(
     ctx: CtxDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    typed: Annotated[
+        bool,
+        Query(
+            description="false: no event field, so a browser's EventSource.onmessage gets "
+            "every kind (the kind is in the data)"
+        ),
+    ] = True,
 ) -> EventSourceResponse:
     """Server-Sent Events; each id is the event row id, so Last-Event-ID resumes without loss."""
     start = stream_start(after=after, last_event_id=last_event_id)
@@ -59,7 +66,9 @@ async def stream_events(
             for e in batch:
                 cursor = e.id
                 yield ServerSentEvent(
-                    id=str(e.id), event=e.kind, data=json.dumps(e.model_dump(mode="json"))
+                    id=str(e.id),
+                    event=e.kind if typed else None,
+                    data=json.dumps(e.model_dump(mode="json")),
                 )
             if len(batch) < BATCH:
                 await asyncio.sleep(POLL_SECONDS)
