@@ -182,7 +182,7 @@ def main() -> int:
             f"{g['guest']:<16} {g['pause_ms']:>10.1f} {skew:>14}  {g['sync_method']}/{g['sync_outcome']}"
         )
     print()
-    print(f"dashboard (API docs until the dashboard lands): {URL}/docs")
+    print(f"dashboard:      {URL}/dashboard  (log in with the token below; API docs: {URL}/docs)")
     print(f"this job:       curl -H 'Authorization: Bearer {token}' {URL}/api/v1/jobs/{job_id}")
     print(f"live events:    curl -N -H 'Authorization: Bearer {token}' {URL}/api/v1/events/stream")
     print(
