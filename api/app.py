@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
-from api.routes import events, health, hosts, jobs, runbooks, tokens
+from api.routes import events, health, hosts, jobs, runbooks, tokens, windows
 from controller.engine import EngineContext
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
@@ -142,7 +142,7 @@ def create_app(
     app.state.host_pings = host_pings
     app.state.token_uses = token_uses
     problems.install(app)
-    for module in (health, hosts, runbooks, jobs, events, tokens):
+    for module in (health, hosts, runbooks, jobs, events, tokens, windows):
         app.include_router(module.router)
     _check_every_route_declares_a_role(app)
     app.add_middleware(InputScreen)

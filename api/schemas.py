@@ -95,6 +95,13 @@ class JobCreate(_In):
         ),
     )
     dry_run: bool = False
+    window: Name | None = Field(
+        default=None,
+        description=(
+            "Start only inside this maintenance window (GET /api/v1/windows); a host that would "
+            "not finish before the window closes waits for its next opening"
+        ),
+    )
 
 
 class _Out(BaseModel):
@@ -158,6 +165,7 @@ class JobPublic(_Out):
     guests: list[JobGuestPublic]
     items: list[JobHostPublic] = Field(description="Each host's progress, in rollout order")
     current_wave: int | None = Field(description="The update domain in progress, if any")
+    window: str | None = Field(default=None, description="The maintenance window it starts in")
 
 
 class PlannedGuestPublic(_Out):
@@ -184,6 +192,16 @@ class PlannedWavePublic(_Out):
     )
 
 
+class PlannedStepPublic(_Out):
+    step: Literal["prepare", "apply", "verify"]
+    argv: list[str]
+    timeout_seconds: float
+    predicted_seconds: float | None = Field(
+        description="Median of this step's recent durations on these hosts (None: no history)"
+    )
+    during_pause: bool = Field(description="Only apply runs while the guests are paused")
+
+
 class PlanPublic(_Out):
     dry_run: Literal[True] = True
     hosts: list[str]
@@ -194,6 +212,10 @@ class PlanPublic(_Out):
     pause_budget_seconds: float
     predicted_pause_ms: float | None
     predicted_from: int
+    steps: list[PlannedStepPublic] = Field(
+        default_factory=list,
+        description="The runbook's steps in order: prepare, apply (inside the pause), verify",
+    )
 
 
 class HostCreate(_In):
@@ -316,3 +338,26 @@ class Health(BaseModel):
     leader: bool = Field(
         description="Whether this replica runs the timers and the sweep (one replica at a time)."
     )
+
+
+class WindowPublic(BaseModel):
+    name: str
+    cron: str
+    timezone: str
+    duration_minutes: float
+    hosts: list[str] | None
+    selector: dict[str, str] | None
+    job: dict[str, Any] | None = Field(description="The job it submits when it opens, if any")
+    next_openings: list[datetime] = Field(
+        description="The next three openings, ISO 8601 in the window's time zone with its offset"
+    )
+
+
+class FreezePublic(BaseModel):
+    name: str
+    start: datetime
+    end: datetime
+    reason: str
+    hosts: list[str] | None
+    selector: dict[str, str] | None
+    active: bool

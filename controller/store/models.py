@@ -125,6 +125,8 @@ class Job(Base):
     # Which controller process runs the job, and when it last said so (crash detection).
     runner_id: Mapped[str | None] = mapped_column(String(128), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The maintenance window (settings.windows) the job may start in, if any.
+    window: Mapped[str | None] = mapped_column(String(63), default=None)
 
     guests: Mapped[list[JobGuest]] = relationship(
         back_populates="job", order_by="JobGuest.id", cascade="all, delete-orphan"
