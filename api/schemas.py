@@ -348,8 +348,11 @@ class WindowPublic(BaseModel):
     hosts: list[str] | None
     selector: dict[str, str] | None
     job: dict[str, Any] | None = Field(description="The job it submits when it opens, if any")
-    next_openings: list[datetime] = Field(
-        description="The next three openings, ISO 8601 in the window's time zone with its offset"
+    next_openings: list[str] = Field(
+        description=(
+            "The next three openings, ISO 8601 in the window's time zone with its UTC offset "
+            "(2026-12-01T02:00:00+01:00)"
+        )
     )
 
 

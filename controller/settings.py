@@ -331,7 +331,7 @@ class _Covers(_Strict):
 class WindowConfig(_Covers):
     name: Name
     # 5 fields (minute hour day month weekday) as in crontab, or 6 with seconds first.
-    cron: str = Field(min_length=9, max_length=200)
+    cron: str = Field(min_length=1, max_length=200)
     timezone: str = Field(default="UTC", min_length=1, max_length=64)
     duration_minutes: float = Field(gt=0, le=7 * 24 * 60)
     job: WindowJobConfig | None = None

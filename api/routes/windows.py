@@ -23,7 +23,7 @@ def list_windows(settings: SettingsDep) -> list[WindowPublic]:
             hosts=v.config.hosts,
             selector=v.config.selector,
             job=None if v.config.job is None else v.config.job.model_dump(),
-            next_openings=[o.start for o in v.next_openings],
+            next_openings=[o.start.isoformat() for o in v.next_openings],
         )
         for v in window_service.list_windows(settings, now=utcnow())
     ]

@@ -11,6 +11,7 @@ duration, exit code and capped output (apply keeps its runbook_started / runbook
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +56,12 @@ def run_step(
         proc = start_runbook(host, argv, env=env, output_limit=m.runbook_output_limit_bytes)
     except OSError as exc:
         return RunbookResult(RunbookOutcome.FAILED, None, 0.0, "", "", f"cannot start: {exc}")
-    deadline = proc.started + timeout
+    # No pause budget outside the pause: only the step's own timeout (it names the outcome).
     return proc.wait(
-        timeout_at=deadline, budget_at=deadline, abort=abort, grace=m.kill_grace_seconds
+        timeout_at=proc.started + timeout,
+        budget_at=math.inf,
+        abort=abort,
+        grace=m.kill_grace_seconds,
     )
 
 
