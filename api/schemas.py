@@ -16,7 +16,13 @@ from pydantic import (
 )
 
 from controller.services.tokens import Role
-from controller.settings import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, NAME_PATTERN, SshConfig
+from controller.settings import (
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    NAME_PATTERN,
+    SshConfig,
+    WindowJobConfig,
+)
 
 
 def _rfc3339(value: datetime) -> str:
@@ -340,8 +346,25 @@ class Health(BaseModel):
     )
 
 
+class WindowCreate(_In):
+    name: Name
+    cron: str = Field(
+        min_length=1,
+        max_length=200,
+        description="5 fields as in crontab (weekday 0 or 7 = Sunday) or 6 with seconds first",
+    )
+    timezone: str = Field(default="UTC", min_length=1, max_length=64, examples=["Europe/Amsterdam"])
+    duration_minutes: float = Field(gt=0, le=7 * 24 * 60)
+    hosts: list[Name] | None = Field(default=None, min_length=1, max_length=10000)
+    selector: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=32)
+    job: WindowJobConfig | None = Field(
+        default=None, description="A job (runbook, params) the window submits each time it opens"
+    )
+
+
 class WindowPublic(BaseModel):
     name: str
+    source: str = Field(description='"config" (the config file) or "api"')
     cron: str
     timezone: str
     duration_minutes: float

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -338,9 +338,12 @@ class WindowConfig(_Covers):
 
     @model_validator(mode="after")
     def _cron_parses(self) -> WindowConfig:
-        from controller.decisions.windows import trigger  # APScheduler: only when used
+        from controller.decisions import windows  # APScheduler: only when used
 
-        trigger(self.cron, self.timezone)
+        windows.trigger(self.cron, self.timezone)
+        probe = windows.Window(self.name, self.cron, self.timezone, timedelta(minutes=1))
+        if not windows.openings(probe, now=datetime.now(UTC), count=1):
+            raise ValueError(f"cron {self.cron!r} never opens (a day that does not exist?)")
         return self
 
 

@@ -24,6 +24,7 @@ from apscheduler.triggers.cron import CronTrigger
 LATE_START_GRACE = timedelta(seconds=60)
 # How many cron fire times one look-up may step through before it gives up.
 MAX_STEPS = 100_000
+_LOOK_BACK = (timedelta(seconds=1), timedelta(minutes=1), timedelta(hours=1), timedelta(days=1))
 _CRON_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
 
@@ -173,14 +174,25 @@ def openings(window: Window, *, now: datetime, count: int = 3) -> list[Opening]:
 
 
 def current_opening(window: Window, *, now: datetime) -> Opening | None:
-    """The opening `now` lies in (the one that started last, if openings overlap)."""
+    """The opening `now` lies in (the one that started last, if openings overlap).
+
+    The latest start lies in the shortest look-back that holds any start: looking back a second,
+    a minute, ... up to the window's duration keeps a dense cron (every second, open for a week)
+    from stepping through every fire time of the week.
+    """
     now = now.astimezone(UTC)
-    latest: Opening | None = None
-    for start in _iter_starts(window, now - window.duration + timedelta(microseconds=1)):
-        if start > now:
+    for span in (*_LOOK_BACK, window.duration):
+        span = min(span, window.duration)
+        latest: datetime | None = None
+        for start in _iter_starts(window, now - span + timedelta(microseconds=1)):
+            if start > now:
+                break
+            latest = start
+        if latest is not None:
+            return Opening.at(latest, window.duration)
+        if span >= window.duration:
             break
-        latest = Opening.at(start, window.duration)
-    return latest
+    return None
 
 
 def fits(window: Window, now: datetime, predicted_seconds: float) -> bool:

@@ -30,7 +30,7 @@ from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.runbooks import build_argv
 from controller.services import idempotency
 from controller.services.paging import Page, newest_first
-from controller.services.windows import find_window, predicted_steps
+from controller.services.windows import declared_windows, find_window, predicted_steps
 from controller.settings import Settings
 from controller.store.events import record_event
 from controller.store.models import Event, Host, Job, JobGuest, JobHost, utcnow
@@ -116,17 +116,19 @@ def validate(
         budget_cap=m.pause_budget_cap_seconds,
     )
     check_window(req, now=utcnow() if now is None else now, horizon_days=m.schedule_horizon_days)
-    check_maintenance_window(settings, req, hosts)
+    check_maintenance_window(session, settings, req, hosts)
     return hosts, budget
 
 
-def check_maintenance_window(settings: Settings, req: JobRequest, hosts: list[Host]) -> None:
+def check_maintenance_window(
+    session: Session, settings: Settings, req: JobRequest, hosts: list[Host]
+) -> None:
     """A job's `window` must be declared and cover every host the job selected."""
     if req.window is None:
         return
-    window = find_window(settings, req.window)
+    window = find_window(session, settings, req.window)
     if window is None:
-        declared = ", ".join(sorted(w.name for w in settings.windows)) or "none"
+        declared = ", ".join(sorted(declared_windows(session, settings))) or "none"
         raise InvalidRequest(f"window: unknown window {req.window!r} (declared: {declared})")
     outside = [h.name for h in hosts if not window.covers(h.name, h.labels or {})]
     if outside:

@@ -11,10 +11,19 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.decisions.states import JobState
 from controller.decisions.windows import Freeze, Hold, Opening, Window, hold_for, openings
-from controller.settings import FreezeConfig, RunbookConfig, Settings, WindowConfig
+from controller.errors import Conflict, InvalidRequest, NotFound
+from controller.hosts.runbooks import build_argv
+from controller.settings import (
+    FreezeConfig,
+    RunbookConfig,
+    Settings,
+    WindowConfig,
+    WindowJobConfig,
+)
 from controller.store.events import record_event
-from controller.store.models import Event, Host, Job, JobGuest
+from controller.store.models import Event, Host, Job, JobGuest, MaintenanceWindow
 
 # The events whose duration_s says how long each step of a runbook took.
 STEP_EVENTS = {
@@ -47,22 +56,97 @@ def freeze_of(config: FreezeConfig) -> Freeze:
     )
 
 
-def find_window(settings: Settings, name: str) -> Window | None:
-    found = [w for w in settings.windows if w.name == name]
-    return window_of(found[0]) if found else None
+# --- the declared windows: the config file's, then those added through the API -----------------
+
+
+def _config_of(row: MaintenanceWindow) -> WindowConfig:
+    return WindowConfig(
+        name=row.name,
+        cron=row.cron,
+        timezone=row.timezone,
+        duration_minutes=row.duration_minutes,
+        hosts=row.hosts,
+        selector=row.selector,
+        job=None if row.job is None else WindowJobConfig(**row.job),
+    )
+
+
+def declared_windows(session: Session, settings: Settings) -> dict[str, tuple[WindowConfig, str]]:
+    """Every window by name, with where it was declared ("config" or "api")."""
+    found = {w.name: (w, "config") for w in settings.windows}
+    for row in session.scalars(select(MaintenanceWindow).order_by(MaintenanceWindow.name)):
+        found.setdefault(row.name, (_config_of(row), "api"))
+    return found
+
+
+def find_window(session: Session, settings: Settings, name: str) -> Window | None:
+    found = declared_windows(session, settings).get(name)
+    return None if found is None else window_of(found[0])
 
 
 @dataclass(frozen=True)
 class WindowView:
     config: WindowConfig
+    source: str
     next_openings: list[Opening]
 
 
-def list_windows(settings: Settings, *, now: datetime, count: int = 3) -> list[WindowView]:
+def list_windows(
+    session: Session, settings: Settings, *, now: datetime, count: int = 3
+) -> list[WindowView]:
     return [
-        WindowView(w, openings(window_of(w), now=now, count=count))
-        for w in sorted(settings.windows, key=lambda w: w.name)
+        WindowView(config, source, openings(window_of(config), now=now, count=count))
+        for config, source in sorted(declared_windows(session, settings).values(), key=_name)
     ]
+
+
+def _name(entry: tuple[WindowConfig, str]) -> str:
+    return entry[0].name
+
+
+def add_window(session: Session, settings: Settings, config: WindowConfig, *, actor: str) -> None:
+    """Declare a window through the API (admin); its name must be free, its job's runbook known."""
+    if config.name in declared_windows(session, settings):
+        raise Conflict(f"window {config.name!r} is already declared")
+    if config.job is not None:
+        if config.job.runbook not in settings.runbooks:
+            raise InvalidRequest(f"job.runbook: unknown runbook {config.job.runbook!r}")
+        build_argv(config.job.runbook, settings.runbooks[config.job.runbook], config.job.params)
+    session.add(
+        MaintenanceWindow(
+            name=config.name,
+            cron=config.cron,
+            timezone=config.timezone,
+            duration_minutes=config.duration_minutes,
+            hosts=config.hosts,
+            selector=config.selector,
+            job=None if config.job is None else config.job.model_dump(mode="json"),
+            created_by=actor,
+        )
+    )
+    session.flush()  # the unique name, checked here rather than at commit
+    record_event(session, "window_added", f"window {config.name}: {config.cron}", actor=actor)
+
+
+def remove_window(session: Session, settings: Settings, name: str, *, actor: str) -> None:
+    """Only windows added through the API, and only while no waiting job names them."""
+    if any(w.name == name for w in settings.windows):
+        raise Conflict(f"window {name!r} is declared in the config file: remove it there")
+    row = session.scalars(select(MaintenanceWindow).where(MaintenanceWindow.name == name)).first()
+    if row is None:
+        raise NotFound(f"window {name!r} does not exist")
+    waiting = session.scalars(
+        select(Job.id).where(
+            Job.window == name,
+            Job.state.in_(
+                [JobState.SCHEDULED.value, JobState.NOTIFYING.value, JobState.RUNNING.value]
+            ),
+        )
+    ).first()
+    if waiting is not None:
+        raise Conflict(f"window {name!r} is named by job {waiting}, which has not ended")
+    session.delete(row)
+    record_event(session, "window_removed", f"window {name}", actor=actor)
 
 
 # --- history: how long each step of a runbook took on these hosts ---------------------------------
@@ -138,7 +222,10 @@ def host_hold(
     session: Session, settings: Settings, job: Job, host: str, *, now: datetime
 ) -> Hold | None:
     """Why the job's item of `host` may not start now (a freeze, its window), if not."""
-    window = None if job.window is None else find_window(settings, job.window)
+    window = None if job.window is None else find_window(session, settings, job.window)
+    if job.window is not None and window is None:
+        why = f"window {job.window!r} is no longer declared; the job waits until it is"
+        return Hold("window", None, why, job.window)
     freezes = [freeze_of(f) for f in settings.freezes]
     if window is None and not freezes:
         return None

@@ -320,7 +320,9 @@ class MaintenanceScheduler:
         """Each window with a job template submits it once per opening (an Idempotency-Key made
         of the window and the opening: any replica, any restart, one job)."""
         now = utcnow()
-        for config in self.ctx.settings.windows:
+        with unit_of_work(self.ctx.session_factory) as s:
+            declared = window_service.declared_windows(s, self.ctx.settings)
+        for config, _ in declared.values():
             if config.job is None:
                 continue
             opening = current_opening(window_service.window_of(config), now=now)

@@ -193,3 +193,44 @@ def test_the_dry_run_shows_the_three_steps_in_order(sqlite_url, test_driver):
 def test_bad_window_config_is_refused(config, fragment):
     with pytest.raises(ValueError, match=fragment):
         Settings(runbooks={"noop": {"argv": ["true"], "timeout_seconds": 5}}, **config)
+
+
+def test_admins_declare_and_remove_windows_through_the_api(sqlite_url, test_driver):
+    with open_app(sqlite_url, test_driver, windows=[NIGHTLY]) as api:
+        body = {
+            "name": "weekly",
+            "cron": "0 3 * * 0",
+            "timezone": "Europe/Amsterdam",
+            "duration_minutes": 1,  # the job below waits: closed unless run in that minute
+            "selector": {"rack": "r12"},
+            "job": {"runbook": "noop"},
+        }
+        assert api.post("/api/v1/windows", json=body).status_code == 403  # operator
+        r = api.post("/api/v1/windows", role="admin", json=body)
+        assert r.status_code == 201, r.text
+        made = r.json()
+        assert (made["source"], made["job"]["runbook"]) == ("api", "noop")
+        assert [datetime.fromisoformat(t).strftime("%a %H:%M") for t in made["next_openings"]] == [
+            "Sun 03:00"
+        ] * 3
+        listed = {w["name"]: w["source"] for w in api.get("/api/v1/windows").json()}
+        assert listed == {"nightly": "config", "weekly": "api"}
+
+        assert_problem(api.post("/api/v1/windows", role="admin", json=body), 409, "already")
+        clash = dict(body, name="nightly")
+        assert_problem(api.post("/api/v1/windows", role="admin", json=clash), 409, "already")
+        bad = dict(body, name="bad", cron="0 3 * *")
+        assert_problem(api.post("/api/v1/windows", role="admin", json=bad), 422, "5 fields")
+        nojob = dict(body, name="nojob", job={"runbook": "nope"})
+        assert_problem(api.post("/api/v1/windows", role="admin", json=nojob), 422, "nope")
+
+        # A job may name it; while that job waits, the window stays.
+        r = api.post("/api/v1/jobs", json={"hosts": ["h1"], "runbook": "noop", "window": "weekly"})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        assert_problem(api.delete("/api/v1/windows/weekly"), 409, f"job {job_id}")
+        assert_problem(api.delete("/api/v1/windows/nightly"), 409, "config file")
+        assert api.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+        assert api.delete("/api/v1/windows/weekly").status_code == 204
+        assert_problem(api.delete("/api/v1/windows/weekly"), 404, "does not exist")
+        assert [w["name"] for w in api.get("/api/v1/windows").json()] == ["nightly"]

@@ -128,3 +128,19 @@ def test_hold_names_the_freeze_first_then_the_window():
     assert (
         hold_for(host="h1", labels={}, now=late, window=NIGHTLY, predicted_seconds=5 * 60) is None
     )
+
+
+def test_a_dense_cron_with_a_long_duration_is_answered_at_once():
+    every_second = Window("dense", "* * * * * *", "UTC", timedelta(days=7))
+    now = utc(2026, 12, 1, 12, 0, 0)
+    opening = current_opening(every_second, now=now)
+    assert opening is not None and opening.start == now  # the latest start, not a week ago
+    assert fits(every_second, now, predicted_seconds=3600)
+
+
+def test_a_window_that_never_opens_is_refused():
+    from controller.settings import Settings
+
+    window = {"name": "feb31", "cron": "0 2 31 2 *", "duration_minutes": 60, "hosts": ["h1"]}
+    with pytest.raises(ValueError, match="never opens"):
+        Settings(windows=[window])
