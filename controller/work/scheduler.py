@@ -292,6 +292,7 @@ class MaintenanceScheduler:
             if start.hold is not None:
                 self._note_held(s, job_id, start)
                 return None
+            self._held_noted.pop(job_id, None)
             if start.kind is StartKind.WAITING:
                 assert start.host is not None
                 self._note_waiting(s, job_id, start.host)
