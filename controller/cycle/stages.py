@@ -20,7 +20,6 @@ from controller.cycle.patching import start_runbook
 from controller.cycle.runtime import EngineContext, HostRef, JobSpec
 from controller.decisions.verdicts import HostResult
 from controller.hosts.runbooks import RunbookOutcome, RunbookResult, resolve_program, runbook_env
-from controller.settings import RunbookConfig
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
 from controller.store.models import utcnow
@@ -154,9 +153,3 @@ def verify_step(cycle: HostCycle, result: HostResult) -> HostResult:
         return result
     failed = _failure("verify", spec, host, rb)
     return HostResult(failed.failure, failed.detail, result.warnings)
-
-
-def declared_steps(runbook: RunbookConfig) -> list[str]:
-    """The steps a runbook has, in the order they run."""
-    steps = ["prepare"] if runbook.prepare is not None else []
-    return [*steps, "apply", *(["verify"] if runbook.verify is not None else [])]
