@@ -94,6 +94,8 @@ def prepare_step(cycle: HostCycle) -> HostResult | None:
     if argv is None:
         return None
     spec, host = cycle.spec, cycle.host
+    if cycle.abort.is_set():
+        return HostResult("aborted", f"aborted before the prepare step on {host.name}")
     with unit_of_work(cycle.ctx.session_factory) as s:
         record_event(
             s,

@@ -331,7 +331,8 @@ class MaintenanceScheduler:
                 continue
             req = job_service.JobRequest(
                 hosts=list(config.hosts or []),
-                labels=None if config.selector is None else dict(config.selector),
+                all_hosts=config.selector == {},  # an empty selector covers every host
+                labels=dict(config.selector) if config.selector else None,
                 runbook=config.job.runbook,
                 params=dict(config.job.params),
                 pause_budget_seconds=config.job.pause_budget_seconds,
