@@ -18,7 +18,17 @@ from api.deps import PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
 from api.metadata import MetadataListener, create_metadata_app
 from api.request_metrics import RequestDurations
-from api.routes import dashboard, events, health, hosts, jobs, metrics, runbooks, tokens
+from api.routes import (
+    dashboard,
+    events,
+    health,
+    hosts,
+    jobs,
+    metrics,
+    runbooks,
+    tokens,
+    windows,
+)
 from controller.engine import EngineContext
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
@@ -180,7 +190,7 @@ def create_app(
     app.state.metrics = service_metrics
     app.state.webhooks = webhooks
     problems.install(app)
-    for module in (health, hosts, runbooks, jobs, events, tokens, metrics):
+    for module in (health, hosts, runbooks, jobs, events, tokens, metrics, windows):
         app.include_router(module.router)
     dashboard.install(app)
     _check_every_route_declares_a_role(app)

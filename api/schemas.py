@@ -16,7 +16,13 @@ from pydantic import (
 )
 
 from controller.services.tokens import Role
-from controller.settings import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, NAME_PATTERN, SshConfig
+from controller.settings import (
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    NAME_PATTERN,
+    SshConfig,
+    WindowJobConfig,
+)
 
 
 def _rfc3339(value: datetime) -> str:
@@ -101,6 +107,13 @@ class JobCreate(_In):
         ),
     )
     dry_run: bool = False
+    window: Name | None = Field(
+        default=None,
+        description=(
+            "Start only inside this maintenance window (GET /api/v1/windows); a host that would "
+            "not finish before the window closes waits for its next opening"
+        ),
+    )
 
 
 class _Out(BaseModel):
@@ -164,6 +177,7 @@ class JobPublic(_Out):
     guests: list[JobGuestPublic]
     items: list[JobHostPublic] = Field(description="Each host's progress, in rollout order")
     current_wave: int | None = Field(description="The update domain in progress, if any")
+    window: str | None = Field(default=None, description="The maintenance window it starts in")
 
 
 class PlannedGuestPublic(_Out):
@@ -190,6 +204,16 @@ class PlannedWavePublic(_Out):
     )
 
 
+class PlannedStepPublic(_Out):
+    step: Literal["prepare", "apply", "verify"]
+    argv: list[str]
+    timeout_seconds: float
+    predicted_seconds: float | None = Field(
+        description="Median of this step's recent durations on these hosts (None: no history)"
+    )
+    during_pause: bool = Field(description="Only apply runs while the guests are paused")
+
+
 class PlanPublic(_Out):
     dry_run: Literal[True] = True
     hosts: list[str]
@@ -200,6 +224,10 @@ class PlanPublic(_Out):
     pause_budget_seconds: float
     predicted_pause_ms: float | None
     predicted_from: int
+    steps: list[PlannedStepPublic] = Field(
+        default_factory=list,
+        description="The runbook's steps in order: prepare, apply (inside the pause), verify",
+    )
 
 
 class HostCreate(_In):
@@ -413,3 +441,46 @@ class DashboardPublic(_Out):
     )
     events: list[DashboardEventPublic] = Field(description="The latest events, newest first")
     last_event_id: int = Field(description="Stream from here: /api/v1/events/stream?after=")
+
+
+class WindowCreate(_In):
+    name: Name
+    cron: str = Field(
+        min_length=1,
+        max_length=200,
+        description="5 fields as in crontab (weekday 0 or 7 = Sunday) or 6 with seconds first",
+    )
+    timezone: str = Field(default="UTC", min_length=1, max_length=64, examples=["Europe/Amsterdam"])
+    duration_minutes: float = Field(gt=0, le=7 * 24 * 60)
+    hosts: list[Name] | None = Field(default=None, min_length=1, max_length=10000)
+    selector: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=32)
+    job: WindowJobConfig | None = Field(
+        default=None, description="A job (runbook, params) the window submits each time it opens"
+    )
+
+
+class WindowPublic(BaseModel):
+    name: str
+    source: str = Field(description='"config" (the config file) or "api"')
+    cron: str
+    timezone: str
+    duration_minutes: float
+    hosts: list[str] | None
+    selector: dict[str, str] | None
+    job: dict[str, Any] | None = Field(description="The job it submits when it opens, if any")
+    next_openings: list[str] = Field(
+        description=(
+            "The next three openings, ISO 8601 in the window's time zone with its UTC offset "
+            "(2026-12-01T02:00:00+01:00)"
+        )
+    )
+
+
+class FreezePublic(BaseModel):
+    name: str
+    start: datetime
+    end: datetime
+    reason: str
+    hosts: list[str] | None
+    selector: dict[str, str] | None
+    active: bool

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from controller.cycle.gate import health_gate
 from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
+from controller.cycle.holds import wait_out_holds
 from controller.cycle.notices import agentless, record_hooks
 from controller.cycle.outbox import AddEvent
 from controller.cycle.patching import start_runbook
@@ -42,6 +43,7 @@ from controller.cycle.resumption import ResumeTask, SettleKind, wait_all
 from controller.cycle.runtime import ActiveJobs as ActiveJobs
 from controller.cycle.runtime import EngineContext as EngineContext
 from controller.cycle.runtime import HostRef, JobSpec
+from controller.cycle.stages import prepare_step, verify_step
 from controller.decisions.preflight import admit, classify_guests
 from controller.decisions.rollout import (
     availability_set_counts,
@@ -348,6 +350,8 @@ def _claim_batch(
     waiting while another job holds a host; None if aborted meanwhile."""
     leases = []
     for host in batch:
+        if keeper.lease_of(host.name) is None and not wait_out_holds(ctx, spec, host, abort):
+            return None
         lease = keeper.lease_of(host.name) or _claim_host(ctx, spec, host, keeper, abort)
         if lease is None:
             return None
@@ -453,6 +457,9 @@ class HostCycle:
         if not self.ctx.outbox.drain(timeout=DRAIN_BEFORE_HOST_SECONDS):
             detail = f"the database does not answer; nothing was paused on {self.host.name}"
             return HostResult("database_unavailable", detail)
+        staged = prepare_step(self)  # the runbook's prepare step: nothing is paused yet
+        if staged is not None:
+            return staged
         hv = self.hv = self.ctx.hypervisors.get(self.host.uri)
         try:
             guests = hv.list_guests()
@@ -482,6 +489,10 @@ class HostCycle:
         return None
 
     def maintain(self) -> HostResult:
+        """Pause, patch, resume, then the runbook's verify step once every guest is back."""
+        return verify_step(self, self._pause_patch_resume())
+
+    def _pause_patch_resume(self) -> HostResult:
         """Pause, patch, resume: the prepared host's guests come back whatever happens."""
         assert self.hv is not None
         guardian = self.guardian

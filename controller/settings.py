@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -198,6 +199,7 @@ class HostConfig(_Strict):
 
 
 class RunbookConfig(_Strict):
+    # The apply step: the only one run while the guests are paused ("apply" is its other name).
     argv: list[str] = Field(min_length=1, max_length=64)
     timeout_seconds: float = Field(gt=0, le=3600)
     description: str = Field(default="", max_length=500)
@@ -206,17 +208,37 @@ class RunbookConfig(_Strict):
     # Optional health check run after each host's cycle (environment MAINTCTL_HOST, ...): the
     # gate between update domains waits until it exits 0. A fixed argv, no parameters.
     check: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    # Staged runbooks: prepare runs before any guest is paused, verify after every guest is
+    # resumed and its clock synced (a failure fails the host). Fixed argv, no parameters.
+    prepare: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    prepare_timeout_seconds: float = Field(default=600, gt=0, le=86400)
+    verify: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    verify_timeout_seconds: float = Field(default=60, gt=0, le=86400)
 
-    @field_validator("check")
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_is_argv(cls, data: Any) -> Any:
+        """`apply` names the same argv as `argv` (a runbook with only argv is apply only)."""
+        if isinstance(data, dict) and "apply" in data:
+            if "argv" in data:
+                raise ValueError("give apply or argv (the same step), not both")
+            data = {("argv" if k == "apply" else k): v for k, v in data.items()}
+        return data
+
+    @property
+    def apply(self) -> list[str]:
+        return self.argv
+
+    @field_validator("check", "prepare", "verify")
     @classmethod
     def _check_elements(cls, check: list[str] | None) -> list[str] | None:
         if check is None:
             return None
         for element in check:
             if not element or "\x00" in element or len(element) > 4096:
-                raise ValueError("check elements must be non-empty strings without NUL bytes")
+                raise ValueError("elements must be non-empty strings without NUL bytes")
             if PLACEHOLDER.match(element):
-                raise ValueError("check takes no parameters")
+                raise ValueError("check, prepare and verify take no parameters")
         return check
 
     @field_validator("argv")
@@ -404,6 +426,72 @@ class MetadataSettings(_Strict):
         return int(self.bind.rpartition(":")[2])
 
 
+# --- maintenance windows and freezes (controller.decisions.windows) -------------------------------
+
+
+class WindowJobConfig(_Strict):
+    """The job a window submits by itself each time it opens (on the window's hosts)."""
+
+    runbook: Name
+    params: dict[str, str] = Field(default_factory=dict, max_length=32)
+    pause_budget_seconds: float | None = Field(default=None, gt=0, le=300)
+    notice_seconds: float = Field(default=0.0, ge=0, le=86400)
+
+
+class _Covers(_Strict):
+    """Which hosts: named (`hosts`), or carrying every label of `selector`."""
+
+    hosts: list[Name] | None = Field(default=None, min_length=1, max_length=10000)
+    selector: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=32)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> _Covers:
+        if (self.hosts is None) == (self.selector is None):
+            raise ValueError("give hosts or selector (exactly one)")
+        return self
+
+
+class WindowConfig(_Covers):
+    name: Name
+    # 5 fields (minute hour day month weekday) as in crontab, or 6 with seconds first.
+    cron: str = Field(min_length=1, max_length=200)
+    timezone: str = Field(default="UTC", min_length=1, max_length=64)
+    duration_minutes: float = Field(gt=0, le=7 * 24 * 60)
+    job: WindowJobConfig | None = None
+
+    @model_validator(mode="after")
+    def _cron_parses(self) -> WindowConfig:
+        from controller.decisions import windows  # APScheduler: only when used
+
+        windows.trigger(self.cron, self.timezone)
+        probe = windows.Window(self.name, self.cron, self.timezone, timedelta(minutes=1))
+        if not windows.openings(probe, now=datetime.now(UTC), count=1):
+            raise ValueError(f"cron {self.cron!r} never opens (a day that does not exist?)")
+        return self
+
+
+class FreezeConfig(_Covers):
+    """A blackout period (a release day): no job starts on the covered hosts while it lasts."""
+
+    name: Name
+    start: datetime
+    end: datetime
+    reason: str = Field(default="", max_length=500)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("needs a UTC offset (2026-12-24T00:00:00+01:00)")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FreezeConfig:
+        if self.end <= self.start:
+            raise ValueError("end must be later than start")
+        return self
+
+
 class Settings(BaseSettings):
     """Built-in defaults < TOML file < MAINTCTL_* environment (MAINTCTL_DATABASE_URL, ...)."""
 
@@ -422,6 +510,8 @@ class Settings(BaseSettings):
     hosts: list[HostConfig] = Field(default_factory=list, max_length=10000)
     runbooks: dict[str, RunbookConfig] = Field(default_factory=dict, max_length=1000)
     webhooks: list[WebhookConfig] = Field(default_factory=list, max_length=64)
+    windows: list[WindowConfig] = Field(default_factory=list, max_length=1000)
+    freezes: list[FreezeConfig] = Field(default_factory=list, max_length=1000)
 
     @classmethod
     def settings_customise_sources(
@@ -473,6 +563,19 @@ class Settings(BaseSettings):
             if not re.fullmatch(NAME_PATTERN, name):
                 raise ValueError(f"runbook name {name!r} must match {NAME_PATTERN}")
         return runbooks
+
+    @model_validator(mode="after")
+    def _windows_consistent(self) -> Settings:
+        names = [w.name for w in self.windows]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"window {twice[0]!r} is declared twice")
+        for w in self.windows:
+            if w.job is not None and w.job.runbook not in self.runbooks:
+                raise ValueError(
+                    f"window {w.name!r}: job.runbook {w.job.runbook!r} is not declared"
+                )
+        return self
 
 
 def resolve_config_path(explicit: Path | None) -> Path | None:

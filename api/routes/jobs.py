@@ -75,6 +75,7 @@ def _request(body: JobCreate) -> job_service.JobRequest:
         notice_seconds=body.notice_seconds,
         exclude_guests=body.exclude_guests,
         busy_guests=BusyGuestPolicy(body.busy_guests),
+        window=body.window,
     )
 
 

@@ -119,6 +119,7 @@ class JobSpec:
     budget: float
     notice: float
     rollout: RolloutPolicy
+    window: str | None = None  # the maintenance window its hosts start in
 
     @classmethod
     def of(cls, job: Job) -> JobSpec:
@@ -133,6 +134,7 @@ class JobSpec:
             budget=job.pause_budget_seconds,
             notice=job.notice_seconds,
             rollout=RolloutPolicy.of(job.rollout or {}),
+            window=job.window,
         )
 
 

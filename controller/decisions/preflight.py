@@ -62,6 +62,7 @@ def admit(
     need = runbook_timeout + resume_reserve
     if need > budget:
         raise AdmissionRefused(
-            f"runbook {runbook!r} may run for {runbook_timeout:g} s and resuming needs a reserve of "
+            f"runbook {runbook!r} may run for {runbook_timeout:g} s (its apply step, the only "
+            f"one inside the pause) and resuming needs a reserve of "
             f"{resume_reserve:g} s: {need:g} s does not fit in the pause budget of {budget:g} s"
         )

@@ -30,6 +30,7 @@ from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.runbooks import build_argv
 from controller.services import idempotency
 from controller.services.paging import Page, newest_first
+from controller.services.windows import declared_windows, find_window, predicted_steps
 from controller.settings import Settings
 from controller.store.events import record_event
 from controller.store.models import Event, Host, Job, JobGuest, JobHost, utcnow
@@ -54,6 +55,7 @@ class JobRequest:
     all_hosts: bool = False
     labels: dict[str, str] | None = None
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    window: str | None = None  # starts only inside this maintenance window (settings.windows)
 
     def selector(self) -> str:
         if self.all_hosts:
@@ -114,7 +116,23 @@ def validate(
         budget_cap=m.pause_budget_cap_seconds,
     )
     check_window(req, now=utcnow() if now is None else now, horizon_days=m.schedule_horizon_days)
+    check_maintenance_window(session, settings, req, hosts)
     return hosts, budget
+
+
+def check_maintenance_window(
+    session: Session, settings: Settings, req: JobRequest, hosts: list[Host]
+) -> None:
+    """A job's `window` must be declared and cover every host the job selected."""
+    if req.window is None:
+        return
+    window = find_window(session, settings, req.window)
+    if window is None:
+        declared = ", ".join(sorted(declared_windows(session, settings))) or "none"
+        raise InvalidRequest(f"window: unknown window {req.window!r} (declared: {declared})")
+    outside = [h.name for h in hosts if not window.covers(h.name, h.labels or {})]
+    if outside:
+        raise InvalidRequest(f"window: {req.window!r} does not cover host(s) {', '.join(outside)}")
 
 
 def check_window(req: JobRequest, *, now: datetime, horizon_days: int) -> None:
@@ -158,6 +176,7 @@ def submit(
         not_after=req.not_after,
         rollout=req.rollout.stored(),
         created_by=actor,
+        window=req.window,
     )
     session.add(job)
     session.flush()
@@ -239,6 +258,15 @@ class PlannedWave:
 
 
 @dataclass(frozen=True)
+class PlannedStep:
+    step: str  # prepare, apply or verify, in the order they run
+    argv: list[str]
+    timeout_seconds: float
+    predicted_seconds: float | None  # median of its recent durations on these hosts
+    during_pause: bool  # only apply runs while the guests are paused
+
+
+@dataclass(frozen=True)
 class Plan:
     hosts: list[str]  # in the order they will be maintained
     guests: list[PlannedGuest]
@@ -246,6 +274,7 @@ class Plan:
     predicted_pause_ms: float | None  # median of this runbook's past pauses on these hosts
     predicted_from: int  # how many past pauses the prediction rests on
     waves: list[PlannedWave]  # one per update domain, in order: never two at once
+    steps: list[PlannedStep] = field(default_factory=list)
 
 
 def plan(
@@ -306,7 +335,21 @@ def plan(
                 split.refused,
             )
         )
-    return Plan([h.name for h in ordered], guests, budget, predicted, len(history), waves)
+    runbook = settings.runbooks[req.runbook]
+    medians = predicted_steps(session, req.runbook, runbook, [h.name for h in hosts])
+    argvs = {"prepare": runbook.prepare, "apply": build_argv(req.runbook, runbook, req.params)}
+    argvs["verify"] = runbook.verify
+    timeouts = {
+        "prepare": runbook.prepare_timeout_seconds,
+        "apply": runbook.timeout_seconds,
+        "verify": runbook.verify_timeout_seconds,
+    }
+    steps = [
+        PlannedStep(step, argv, timeouts[step], medians.get(step), step == "apply")
+        for step, argv in argvs.items()
+        if argv is not None
+    ]
+    return Plan([h.name for h in ordered], guests, budget, predicted, len(history), waves, steps)
 
 
 def list_jobs(

@@ -125,6 +125,8 @@ class Job(Base):
     # Which controller process runs the job, and when it last said so (crash detection).
     runner_id: Mapped[str | None] = mapped_column(String(128), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The maintenance window (settings.windows) the job may start in, if any.
+    window: Mapped[str | None] = mapped_column(String(63), default=None)
 
     guests: Mapped[list[JobGuest]] = relationship(
         back_populates="job", order_by="JobGuest.id", cascade="all, delete-orphan"
@@ -296,4 +298,22 @@ class IdempotencyKey(Base):
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="CASCADE"), default=None
     )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MaintenanceWindow(Base):
+    """A maintenance window declared through the API (admin); config windows stay in the file.
+
+    The columns are settings.WindowConfig's: hosts or selector, and the optional job template."""
+
+    __tablename__ = "maintenance_windows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    duration_minutes: Mapped[float] = mapped_column(Float)
+    hosts: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    selector: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    job: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    created_by: Mapped[str] = mapped_column(String(63), default="system")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -10,6 +10,7 @@ caller's transaction; a job that ends skips its items still pending.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, aliased
 
 from controller.decisions.rollout import host_order
 from controller.decisions.states import ItemState, JobState, advance, is_terminal
+from controller.decisions.windows import Hold
 from controller.store.events import record_event
 from controller.store.models import Host, Job, JobHost, utcnow
 
@@ -387,10 +389,21 @@ class Start:
     lease: Lease | None = None  # CLAIMED: the claimed item (None: a job without hosts)
     host: str | None = None  # WAITING: the busy host
     at: datetime | None = None  # NOTICE and NOT_YET: when to try again
+    hold: Hold | None = None  # NOT_YET by a freeze or a window: why (at is its until)
+
+
+# Why a job's host item may not start now (controller.services.windows.host_hold), if not.
+HoldCheck = Callable[[Session, Job, str, datetime], Hold | None]
 
 
 def start_job(
-    session: Session, job: Job, *, owner: str, lease_seconds: float, now: datetime
+    session: Session,
+    job: Job,
+    *,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+    hold: HoldCheck | None = None,
 ) -> Start:
     """Move a due job on: scheduled -> notifying (its first host's notice starts) or running (its
     first host's item claimed), notifying -> running once the notice is over.
@@ -423,6 +436,9 @@ def start_job(
         )
     )
     first = pending[0] if pending else None
+    held = None if hold is None or first is None else hold(session, job, first, now)
+    if held is not None:
+        return Start(StartKind.NOT_YET, at=held.until, host=first, hold=held)
     if first is not None and job.notice_seconds > 0:
         # Every host's notice starts now, so that each guest learns of its pause as early as
         # possible; a host busy with another job gets its own notice when the job reaches it.

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -23,14 +23,18 @@ from sqlalchemy.orm import Session
 
 from controller.cycle.recovery import reconcile
 from controller.decisions.states import ItemState, JobState
+from controller.decisions.windows import Hold, current_opening
 from controller.engine import EngineContext, run_job
+from controller.errors import MaintctlError
 from controller.services import jobs as job_service
+from controller.services import windows as window_service
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.events import record_event
 from controller.store.models import Job, JobHost, utcnow
 from controller.work.leader import Leadership, leadership_for
 from controller.work.lifecycle import (
     Lease,
+    Start,
     StartKind,
     abort_job,
     cancel_job,
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 _NO_HOSTS = Lease(0, 0, "", "", 0, datetime.min.replace(tzinfo=UTC))
 SWEEP_SECONDS = 1.0
 POLL_SECONDS = 1.0
+# A job held by a window without any later opening looks again this often.
+HOLD_RETRY_SECONDS = 60.0
 
 
 def _timer_id(job_id: int) -> str:
@@ -75,6 +81,8 @@ class MaintenanceScheduler:
         self._lock = threading.Lock()
         self._queued: set[int] = set()  # submitted to the pool, not yet ended
         self._waiting_noted: set[int] = set()
+        self._held_noted: dict[int, tuple[str, datetime | None]] = {}
+        self._window_jobs: set[tuple[str, datetime]] = set()
         self._outage_noted: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -129,6 +137,7 @@ class MaintenanceScheduler:
 
     def _sweep(self) -> None:
         self._housekeeping("the sweep", self.sweep)
+        self._housekeeping("the window jobs", self._submit_window_jobs)
 
     def _poll(self) -> None:
         if not self.is_leader:
@@ -274,8 +283,17 @@ class MaintenanceScheduler:
             if job is None:
                 return None
             start = start_job(
-                s, job, owner=self.ctx.runner_id, lease_seconds=m.lease_seconds, now=utcnow()
+                s,
+                job,
+                owner=self.ctx.runner_id,
+                lease_seconds=m.lease_seconds,
+                now=utcnow(),
+                hold=self._hold,
             )
+            if start.hold is not None:
+                self._note_held(s, job_id, start)
+                return None
+            self._held_noted.pop(job_id, None)
             if start.kind is StartKind.WAITING:
                 assert start.host is not None
                 self._note_waiting(s, job_id, start.host)
@@ -286,6 +304,63 @@ class MaintenanceScheduler:
             if start.kind is not StartKind.CLAIMED:
                 return None
             return start.lease or _NO_HOSTS
+
+    def _hold(self, s: Session, job: Job, host: str, now: datetime) -> Hold | None:
+        return window_service.host_hold(s, self.ctx.settings, job, host, now=now)
+
+    def _note_held(self, s: Session, job_id: int, start: Start) -> None:
+        """A freeze or its window holds the job: say why once, look again when it may start."""
+        hold = start.hold
+        assert hold is not None
+        seen = (hold.kind, hold.until)
+        if self._held_noted.get(job_id) != seen:
+            self._held_noted[job_id] = seen
+            window_service.record_hold(s, job_id, start.host, hold)
+        self.arm(job_id, hold.until or utcnow() + timedelta(seconds=HOLD_RETRY_SECONDS))
+
+    def _submit_window_jobs(self) -> None:
+        """Each window with a job template submits it once per opening (an Idempotency-Key made
+        of the window and the opening: any replica, any restart, one job)."""
+        now = utcnow()
+        with unit_of_work(self.ctx.session_factory) as s:
+            declared = window_service.declared_windows(s, self.ctx.settings)
+        for config, _ in declared.values():
+            if config.job is None:
+                continue
+            opening = current_opening(window_service.window_of(config), now=now)
+            if opening is None or (config.name, opening.start) in self._window_jobs:
+                continue
+            req = job_service.JobRequest(
+                hosts=list(config.hosts or []),
+                all_hosts=config.selector == {},  # an empty selector covers every host
+                labels=dict(config.selector) if config.selector else None,
+                runbook=config.job.runbook,
+                params=dict(config.job.params),
+                pause_budget_seconds=config.job.pause_budget_seconds,
+                notice_seconds=config.job.notice_seconds,
+                window=config.name,
+            )
+            key = f"window:{config.name}:{opening.start.isoformat()}"
+            try:
+                with self.ctx.session_factory() as s:
+                    submitted = job_service.submit_once(
+                        s,
+                        session_factory=self.ctx.session_factory,
+                        settings=self.ctx.settings,
+                        req=req,
+                        actor=f"window:{config.name}"[:63],
+                        idempotency_key=key,
+                        payload={"window": config.name, "opening": opening.start.isoformat()},
+                        now=now,
+                    )
+                    job_id = submitted.job.id
+            except MaintctlError as exc:  # refused: not again until the next opening
+                self._window_jobs.add((config.name, opening.start))
+                log.warning("window %s opened but its job was refused: %s", config.name, exc)
+                continue
+            self._window_jobs.add((config.name, opening.start))
+            if not submitted.replayed:
+                self.arm(job_id, None)
 
     def _note_waiting(self, s: Session, job_id: int, host: str) -> None:
         if job_id in self._waiting_noted:
