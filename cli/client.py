@@ -203,6 +203,10 @@ class MaintctlClient:
         data: list[JSON] = self._json("GET", "/api/v1/hosts")
         return data
 
+    def windows(self) -> list[JSON]:
+        data: list[JSON] = self._json("GET", "/api/v1/windows")
+        return data
+
     # --- waiting -----------------------------------------------------------------------------
 
     def wait_ready(

@@ -1,4 +1,5 @@
-"""`maintctl jobs ...` and `maintctl hosts`: reading jobs and hosts, cancelling and aborting."""
+"""`maintctl jobs ...`, `maintctl hosts` and `maintctl windows`: reading jobs, hosts and
+maintenance windows, cancelling and aborting jobs."""
 
 from __future__ import annotations
 
@@ -103,3 +104,15 @@ def hosts(
     with connect(server, token) as client:
         listing = client.hosts()
     render.emit(listing, output, render.hosts_view(listing))
+
+
+@client_errors
+def windows(
+    output: OutputOpt = Output.TABLE,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """The maintenance windows, each with its next three openings."""
+    with connect(server, token) as client:
+        listing = client.windows()
+    render.emit(listing, output, render.windows_view(listing))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 
-from cli.jobs import hosts, jobs_app
+from cli.jobs import hosts, jobs_app, windows
 from cli.submit import submit
 from cli.watch import watch
 from controller.errors import MaintctlError
@@ -40,6 +40,7 @@ app.add_typer(metadata_app, name="metadata")
 app.command()(submit)
 app.add_typer(jobs_app, name="jobs")
 app.command()(hosts)
+app.command()(windows)
 app.command()(watch)
 
 ConfigOpt = Annotated[

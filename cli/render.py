@@ -145,6 +145,27 @@ def hosts_view(hosts: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
+def windows_view(windows: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table("window", "cron", "time zone", "minutes", "covers", "job", "next openings")
+    for w in windows:
+        covers = (
+            ", ".join(w["hosts"])
+            if w.get("hosts")
+            else ", ".join(f"{k}={v}" for k, v in sorted((w.get("selector") or {}).items()))
+        )
+        job = (w.get("job") or {}).get("runbook", "")
+        table.add_row(
+            w["name"],
+            w["cron"],
+            w["timezone"],
+            f"{w['duration_minutes']:g}",
+            covers or "every host",
+            job,
+            "\n".join(w["next_openings"]),
+        )
+    return table
+
+
 def plan_view(plan: Mapping[str, Any]) -> RenderableType:
     predicted = plan.get("predicted_pause_ms")
     head = Text(

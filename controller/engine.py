@@ -526,12 +526,10 @@ class HostCycle:
         with unit_of_work(self.ctx.session_factory) as s:
             event_id = self._event_id = s.get_one(JobHost, lease.item_id).event_id
             scheduled_events.set_resources(s, lease.item_id, sorted(names))
-            changed = {
-                d.guest: d
-                for d in scheduled_events.publish(
-                    s, now=utcnow(), grace_seconds=md.grace_seconds, only=names
-                )
-            }
+            scheduled_events.publish(s, now=utcnow(), grace_seconds=md.grace_seconds, only=names)
+            # Changed now, or earlier by the publisher (which leaves a running host's guests to
+            # the engine): every document of these guests not written into them yet.
+            changed = {d.guest: d for d in scheduled_events.unpushed_of(s, names)}
         if event_id is None or not md.guest_agent or agentless(self.host.uri):
             return
         notices = self.ctx.notices

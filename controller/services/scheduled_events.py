@@ -215,6 +215,18 @@ def unpushed(session: Session) -> list[Published]:
     ]
 
 
+def unpushed_of(session: Session, guests: set[str]) -> list[Published]:
+    """These guests' documents not yet written into them (the engine, before its pause)."""
+    docs = session.scalars(
+        select(GuestDocument).where(
+            GuestDocument.guest.in_(guests),
+            GuestDocument.pushed_digest.is_(None)
+            | (GuestDocument.pushed_digest != GuestDocument.digest),
+        )
+    )
+    return [Published(d.guest, d.host, int(d.incarnation), list(d.events), d.digest) for d in docs]
+
+
 def set_addresses(session: Session, guest: str, addresses: list[str]) -> None:
     session.execute(
         update(GuestDocument).where(GuestDocument.guest == guest).values(addresses=addresses)

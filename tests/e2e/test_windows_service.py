@@ -3,10 +3,12 @@ it, and submits its own job, at the opening and not before (libvirt's test drive
 
 from __future__ import annotations
 
+import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import TEST_URI
-from tests.e2e.service import Client, Service, host_block
+from tests.e2e.service import MAINTCTL, Client, Service, host_block
 
 LEAD_SECONDS = 8
 
@@ -38,6 +40,16 @@ def test_a_window_opening_seconds_ahead_starts_its_jobs_at_the_opening(tmp_path)
         assert windows[0]["name"] == "soon"
         assert windows[0]["next_openings"][0] == opening.isoformat()
         assert windows[0]["next_openings"][1] == (opening + timedelta(days=1)).isoformat()
+        # The same through the CLI client, as an operator reads it.
+        token = service.token("viewer", "eyes")
+        listed = subprocess.run(
+            [str(MAINTCTL), "windows", "--server", service.url, "--token", token, "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)[0]["next_openings"] == windows[0]["next_openings"]
 
         r = client.http.post(
             "/api/v1/jobs", json={"hosts": ["t1"], "runbook": "noop", "window": "soon"}

@@ -86,7 +86,8 @@ def test_a_failed_health_gate_on_real_hosts_halts_the_later_domains(
     watched, hosts, _ = _fleet(bed_guests, second_host, session_domain=1)
     settings = make_settings(hosts)
     unhealthy = {
-        "argv": ["true"],
+        # Long enough a pause that the 10 ms sampler cannot miss it when its process stalls.
+        "argv": ["sleep", "0.3"],
         "timeout_seconds": 5,
         "check": ["sh", "-c", 'test "$MAINTCTL_HOST" != system'],
     }
