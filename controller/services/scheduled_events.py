@@ -72,19 +72,27 @@ def next_incarnation(session: Session) -> int:
     return int(row.value)
 
 
-def _expected_pause(session: Session, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Per (runbook, host): the longest of its recent pauses there, in whole seconds."""
-    out: dict[tuple[str, str], int] = {}
-    for runbook, host in pairs:
+def _expected_pause(
+    session: Session, keys: set[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], int]:
+    """Per (runbook, host, job): the longest of the runbook's recent pauses on the host, in
+    whole seconds, from other jobs (an event's own pauses do not change its announcement)."""
+    out: dict[tuple[str, str, int], int] = {}
+    for runbook, host, job_id in keys:
         rows = session.scalars(
             select(JobGuest.pause_ms)
             .join(Job, Job.id == JobGuest.job_id)
-            .where(Job.runbook == runbook, JobGuest.host == host, JobGuest.pause_ms.is_not(None))
+            .where(
+                Job.runbook == runbook,
+                JobGuest.host == host,
+                JobGuest.job_id != job_id,
+                JobGuest.pause_ms.is_not(None),
+            )
             .order_by(JobGuest.id.desc())
             .limit(50)
         ).all()
         values = [ms for ms in rows if ms is not None]
-        out[(runbook, host)] = max(1, math.ceil(max(values) / 1000)) if values else -1
+        out[(runbook, host, job_id)] = max(1, math.ceil(max(values) / 1000)) if values else -1
     return out
 
 
@@ -108,7 +116,9 @@ def visible_notices(session: Session, now: datetime, grace_seconds: float) -> li
             ),
         )
     ).all()
-    durations = _expected_pause(session, {(runbook, item.host) for item, runbook in rows})
+    durations = _expected_pause(
+        session, {(runbook, item.host, item.job_id) for item, runbook in rows}
+    )
     notices = []
     for item, runbook in rows:
         if not item.resources:
@@ -124,7 +134,7 @@ def visible_notices(session: Session, now: datetime, grace_seconds: float) -> li
                     f"patched (runbook {runbook}, job {item.job_id}), the guest resumes and its "
                     "clock is synced."
                 ),
-                duration_seconds=durations[(runbook, item.host)],
+                duration_seconds=durations[(runbook, item.host, item.job_id)],
                 host=item.host,
             )
         )
