@@ -112,7 +112,10 @@ def maintctl_cycle(
 ) -> None:
     with unit_of_work(ctx.session_factory) as s:
         job_id = jobs.submit(
-            s, ctx.settings, jobs.JobRequest(hosts=["local"], runbook=runbook), actor="bench"
+            s,
+            ctx.settings,
+            jobs.JobRequest(hosts=["local"], runbook=runbook, notice_seconds=0),  # no notice
+            actor="bench",
         ).id
     MaintenanceScheduler(ctx).start_now(job_id)
     skews = independent_skews(bed, names)

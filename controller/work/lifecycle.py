@@ -477,7 +477,12 @@ def _end_notice(
         lease = claim_item(session, job.id, first.host, owner, lease_seconds, now, notice=True)
         if lease is None:
             return Start(StartKind.WAITING, host=first.host)
-    early = first is not None and first.approved_at is not None and first.notice_until > now  # type: ignore[operator]
+    early = (
+        first is not None
+        and first.approved_at is not None
+        and first.notice_until is not None
+        and first.notice_until > now
+    )
     transition(
         session, job, JobState.RUNNING, actor="scheduler", at=now, notice_ended=True, approved=early
     )

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
 
-from controller.cycle.notices import agentless, record_hooks
+from controller.cycle.notices import HookRun, agentless, record_hooks
 from controller.cycle.runtime import EngineContext
 from controller.decisions.preflight import BusyGuestPolicy, classify_guests
 from controller.decisions.scheduled_events import digest
@@ -181,7 +181,7 @@ class NoticePublisher:
         try:
             approved: list[int] = []
 
-            def record(runs: list) -> None:  # type: ignore[type-arg]
+            def record(runs: list[HookRun]) -> None:
                 approved.extend(
                     record_hooks(
                         self.ctx.session_factory, runs, job_id=job_id, host=host, approve=True
