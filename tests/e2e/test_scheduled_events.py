@@ -13,6 +13,7 @@ import http.client
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -193,9 +194,10 @@ def test_the_http_contract(service):
         assert "2020-07-01" in problem["newest-versions"]
     status, _, _ = web_a.request(headers={"Metadata": "true", "X-Forwarded-For": "192.0.2.1"})
     assert status == 400
-    flood = Caller(port, "127.0.0.9")
-    statuses = [flood.request(polite=False)[0] for _ in range(8)]
-    assert statuses[:5] == [200] * 5 and 429 in statuses[5:], statuses
+    flood = Caller(port, "127.0.0.9")  # 10 at once: well within one second
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(lambda _: flood.request(polite=False)[0], range(10)))
+    assert statuses.count(200) == 5 and statuses.count(429) == 5, statuses
 
     # --- ETag ------------------------------------------------------------------------------
     _, headers, _ = web_a.request()
