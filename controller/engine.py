@@ -23,7 +23,7 @@ from sqlalchemy import select
 from controller.cycle.gate import health_gate
 from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
 from controller.cycle.holds import wait_out_holds
-from controller.cycle.notices import agentless, record_hooks
+from controller.cycle.notices import agentless, freeze_ran, record_hooks
 from controller.cycle.outbox import AddEvent
 from controller.cycle.patching import start_runbook
 from controller.cycle.recording import (
@@ -553,6 +553,12 @@ class HostCycle:
                     job_id=self.spec.id,
                     host=self.host.name,
                     approve=False,
+                ),
+                lambda: freeze_ran(
+                    self.ctx.session_factory,
+                    job_id=self.spec.id,
+                    guest=guest.name,
+                    event_id=event_id,
                 ),
             )
 

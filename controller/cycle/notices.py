@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.errors import HypervisorError
@@ -24,6 +25,7 @@ from controller.services import scheduled_events as se
 from controller.settings import MetadataSettings
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
+from controller.store.models import Event
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +178,11 @@ class GuestNotices:
         guest: str,
         event_id: str,
         record: Callable[[list[HookRun]], object],
+        ran_before: Callable[[], bool] = lambda: False,
     ) -> list[HookRun] | None:
-        """Run the guest's freeze hooks for this event unless they ran (or run) already in
-        this process; waits for a run in progress. None if they had run before."""
+        """Run the guest's freeze hooks for this event unless they ran (or run) already: in
+        this process (it waits for a run in progress), or anywhere before, as recorded
+        (`ran_before`: another replica, or this service before a restart). None if they had."""
         key = (event_id, guest)
         with self._lock:
             done = self._freezes.get(key)
@@ -190,6 +194,8 @@ class GuestNotices:
             done.wait(self.settings.hook_timeout_seconds * 2)
             return None
         try:
+            if ran_before():
+                return None
             runs = self.run_hooks(hv, uuid, guest, "freeze", event_id)
             record(runs)
             return runs
@@ -204,6 +210,26 @@ class GuestNotices:
         with self._lock:
             for key in [k for k in self._freezes if k[0] in event_ids]:
                 del self._freezes[key]
+
+
+def freeze_ran(
+    session_factory: sessionmaker[Session], *, job_id: int, guest: str, event_id: str
+) -> bool:
+    """Whether a freeze hook of this guest ran for this event, as recorded (a hook that could
+    not be run, for want of an agent, does not count: it is tried again before the pause)."""
+    with unit_of_work(session_factory, read_only=True) as s:
+        rows = s.scalars(
+            select(Event.details).where(
+                Event.job_id == job_id, Event.kind == "guest_hook", Event.guest == guest
+            )
+        )
+        return any(
+            d.get("phase") == "freeze"
+            and d.get("event_id") == event_id
+            and d.get("hook") is not None
+            and d.get("error") is None
+            for d in rows
+        )
 
 
 def record_hooks(

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
 
-from controller.cycle.notices import HookRun, agentless, record_hooks
+from controller.cycle.notices import HookRun, agentless, freeze_ran, record_hooks
 from controller.cycle.runtime import EngineContext
 from controller.decisions.preflight import BusyGuestPolicy, classify_guests
 from controller.decisions.scheduled_events import digest
@@ -189,7 +189,14 @@ class NoticePublisher:
                 )
 
             self.ctx.notices.freeze_once(
-                self.ctx.hypervisors.get(uri), uuid, name, event_id, record
+                self.ctx.hypervisors.get(uri),
+                uuid,
+                name,
+                event_id,
+                record,
+                lambda: freeze_ran(
+                    self.ctx.session_factory, job_id=job_id, guest=name, event_id=event_id
+                ),
             )
             for job in set(approved):
                 self.on_approved(job)

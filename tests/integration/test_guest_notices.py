@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
+from controller.cycle.notices import GuestNotices, freeze_ran
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.store.db import unit_of_work
 from controller.store.models import Job, JobHost
@@ -153,6 +154,29 @@ def test_a_freeze_hook_that_succeeds_approves_the_notice(bed, bed_guests, harnes
         e for e in out.events if e.kind == "scheduled_events_written" and e.guest == name
     )
     assert first_doc.id < next(e for e in out.events if e.kind == "pausing").id
+
+    # The freeze hooks ran once per guest: in the notice (the publisher), not again before the
+    # pause (the engine), nor by another process that reads that they ran (a restarted service
+    # or another replica: a new GuestNotices).
+    event_id = _event_id(harness, job_id)
+    assert [p for p, e, _ in _hook_lines(bed, name) if e == event_id] == ["freeze", "thaw"]
+    other_process = GuestNotices(harness.settings.metadata, 2)
+    host = LibvirtHost(QEMU_URI)
+    try:
+        again = other_process.freeze_once(
+            host,
+            bed.domain(name).UUIDString(),
+            name,
+            event_id,
+            lambda runs: None,
+            lambda: freeze_ran(
+                harness.session_factory, job_id=job_id, guest=name, event_id=event_id
+            ),
+        )
+    finally:
+        host.close()
+    assert again is None
+    assert [p for p, e, _ in _hook_lines(bed, name) if e == event_id] == ["freeze", "thaw"]
 
 
 def test_a_guest_without_its_agent_gets_no_file_and_the_job_goes_on(bed, bed_guests, harness):
