@@ -23,7 +23,7 @@ from sqlalchemy import select
 from controller.cycle.gate import health_gate
 from controller.cycle.guest_ops import PauseResult, WallClock, fan_out, pause_one, sync_one
 from controller.cycle.holds import wait_out_holds
-from controller.cycle.notices import agentless, freeze_ran, record_hooks
+from controller.cycle.notices import freeze_ran, record_hooks
 from controller.cycle.outbox import AddEvent
 from controller.cycle.patching import start_runbook
 from controller.cycle.recording import (
@@ -530,9 +530,9 @@ class HostCycle:
             # Changed now, or earlier by the publisher (which leaves a running host's guests to
             # the engine): every document of these guests not written into them yet.
             changed = {d.guest: d for d in scheduled_events.unpushed_of(s, names)}
-        if event_id is None or not md.guest_agent or agentless(self.host.uri):
-            return
         notices = self.ctx.notices
+        if event_id is None or not notices.reaches(self.host.uri):
+            return
 
         def tell(guest: GuestInfo) -> None:
             doc = changed.get(guest.name)
@@ -566,13 +566,9 @@ class HostCycle:
 
     def _thaw(self, tasks: list[ResumeTask]) -> None:
         """After the guests resumed and their clocks were synced: their thaw hooks."""
-        lease = self.keeper.lease_of(self.host.name)
-        hv = self.hv
-        if lease is None or hv is None or not self.ctx.settings.metadata.guest_agent:
+        hv, event_id = self.hv, self._event_id  # set before the pause, with the item's lease
+        if hv is None or not self.ctx.notices.reaches(self.host.uri):
             return
-        if agentless(self.host.uri):
-            return
-        event_id = self._event_id
         back = [
             t for t in tasks if t.settled is not None and t.settled.running and t.finished.is_set()
         ]

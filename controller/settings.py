@@ -54,6 +54,14 @@ def _host_port(value: str) -> str:
     return value
 
 
+def _bind_host(bind: str) -> str:
+    return bind.rpartition(":")[0].strip("[]")
+
+
+def _bind_port(bind: str) -> int:
+    return int(bind.rpartition(":")[2])
+
+
 class ServerSettings(_Strict):
     bind: str = "127.0.0.1:8080"
     # Deny by default: turning auth off is allowed only on a loopback bind.
@@ -68,11 +76,11 @@ class ServerSettings(_Strict):
 
     @property
     def host(self) -> str:
-        return self.bind.rpartition(":")[0].strip("[]")
+        return _bind_host(self.bind)
 
     @property
     def port(self) -> int:
-        return int(self.bind.rpartition(":")[2])
+        return _bind_port(self.bind)
 
     @property
     def is_loopback(self) -> bool:
@@ -418,12 +426,12 @@ class MetadataSettings(_Strict):
     @property
     def host(self) -> str:
         assert self.bind is not None
-        return self.bind.rpartition(":")[0].strip("[]")
+        return _bind_host(self.bind)
 
     @property
     def port(self) -> int:
         assert self.bind is not None
-        return int(self.bind.rpartition(":")[2])
+        return _bind_port(self.bind)
 
 
 # --- maintenance windows and freezes (controller.decisions.windows) -------------------------------

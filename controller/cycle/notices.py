@@ -93,6 +93,10 @@ class GuestNotices:
         self._lock = threading.Lock()
         self._freezes: dict[tuple[str, str], threading.Event] = {}  # (event, guest) -> done
 
+    def reaches(self, uri: str) -> bool:
+        """Whether documents are written and hooks run in the guests of this host."""
+        return self.settings.guest_agent and not agentless(uri)
+
     # --- documents ---------------------------------------------------------------------------
 
     def write(self, hv: Hypervisor, uuid: str, doc: se.Published) -> str | None:

@@ -50,6 +50,10 @@ class Published:
     events: list[dict[str, Any]]
     digest: str
 
+    @classmethod
+    def of(cls, doc: GuestDocument) -> Published:
+        return cls(doc.guest, doc.host, int(doc.incarnation), list(doc.events), doc.digest)
+
 
 def _insert_missing(session: Session, model: Any, rows: list[dict[str, Any]]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: of two replicas adding one row, neither fails."""
@@ -182,7 +186,7 @@ def publish(
         host = host_of.get(guest, doc.host)
         doc.incarnation, doc.digest, doc.events = incarnation, new, events
         doc.host, doc.updated_at = host, now
-        changed.append(Published(guest, host, incarnation, events, new))
+        changed.append(Published.of(doc))
     return changed
 
 
@@ -202,6 +206,16 @@ def mark_pushed(session: Session, guest: str, pushed: str) -> None:
     )
 
 
+def _unwritten(session: Session, *where: ColumnElement[bool]) -> list[GuestDocument]:
+    """Stored documents whose content was not written into their guest yet."""
+    written = GuestDocument.pushed_digest == GuestDocument.digest
+    return list(
+        session.scalars(
+            select(GuestDocument).where(GuestDocument.pushed_digest.is_(None) | ~written, *where)
+        )
+    )
+
+
 def unpushed(session: Session) -> list[Published]:
     """Documents not yet written into their guest, unless the guest's host runs a cycle or the
     guest may still be paused (an open pause intent: recovery resumes it first). An agent call
@@ -212,29 +226,16 @@ def unpushed(session: Session) -> list[Published]:
     maybe_paused = set(
         session.scalars(select(PauseIntent.guest).where(PauseIntent.resolved_at.is_(None)))
     )
-    docs = session.scalars(
-        select(GuestDocument).where(
-            GuestDocument.pushed_digest.is_(None)
-            | (GuestDocument.pushed_digest != GuestDocument.digest)
-        )
-    )
     return [
-        Published(d.guest, d.host, int(d.incarnation), list(d.events), d.digest)
-        for d in docs
+        Published.of(d)
+        for d in _unwritten(session)
         if d.host not in running_hosts and d.guest not in maybe_paused
     ]
 
 
 def unpushed_of(session: Session, guests: set[str]) -> list[Published]:
     """These guests' documents not yet written into them (the engine, before its pause)."""
-    docs = session.scalars(
-        select(GuestDocument).where(
-            GuestDocument.guest.in_(guests),
-            GuestDocument.pushed_digest.is_(None)
-            | (GuestDocument.pushed_digest != GuestDocument.digest),
-        )
-    )
-    return [Published(d.guest, d.host, int(d.incarnation), list(d.events), d.digest) for d in docs]
+    return [Published.of(d) for d in _unwritten(session, GuestDocument.guest.in_(guests))]
 
 
 def set_addresses(session: Session, guest: str, addresses: list[str]) -> None:
