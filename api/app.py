@@ -1,17 +1,15 @@
-"""The FastAPI app factory. The scheduler runs inside the service, started by the lifespan."""
+"""The FastAPI app factory: the operator API on top of a Service (controller/daemon/service.py),
+which its lifespan starts and stops. Nothing of the daemon is wired here."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from api import problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
@@ -29,17 +27,9 @@ from api.routes import (
     tokens,
     windows,
 )
-from controller.engine import EngineContext
-from controller.hosts.host_pings import HostPings
-from controller.hosts.hypervisor import HypervisorPool
-from controller.services.inventory import sync_config_hosts
-from controller.services.metrics import ServiceMetrics
-from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
-from controller.services.webhooks import WebhookSender
+from controller.cycle.runtime import Runtime
+from controller.daemon.service import Service
 from controller.settings import Settings
-from controller.store.db import make_engine, make_session_factory, unit_of_work
-from controller.work.notices import NoticePublisher
-from controller.work.scheduler import MaintenanceScheduler
 
 log = logging.getLogger(__name__)
 
@@ -97,83 +87,32 @@ def _check_every_route_declares_a_role(app: FastAPI) -> None:
                 )
 
 
-async def _stamp_token_uses(uses: TokenUses, session_factory: sessionmaker[Session]) -> None:
-    """Write the noted token uses once a minute; requests only note them."""
-    while True:
-        await asyncio.sleep(LAST_USED_RESOLUTION.total_seconds())
-        try:
-            await run_in_threadpool(uses.flush, session_factory=session_factory)
-        except Exception:
-            log.exception("token uses not written; trying again in a minute")
-
-
 def create_app(
-    settings: Settings, *, ctx: EngineContext | None = None, run_scheduler: bool = True
+    settings: Settings, *, ctx: Runtime | None = None, run_scheduler: bool = True
 ) -> FastAPI:
-    if ctx is None:
-        from controller.hosts.libvirt_host import LibvirtHost
-
-        engine = make_engine(settings.database.url)
-        timeout = settings.maintenance.libvirt_call_timeout_seconds
-        ctx = EngineContext(
-            settings=settings,
-            session_factory=make_session_factory(engine),
-            hypervisors=HypervisorPool(lambda uri: LibvirtHost(uri, call_timeout=timeout)),
-        )
-    scheduler = MaintenanceScheduler(ctx)
-
-    def approved(job_id: int) -> None:
-        scheduler.arm(job_id, None)  # its notice may end now
-        publisher.poke()
-
-    publisher = NoticePublisher(ctx, is_leader=lambda: scheduler.is_leader, on_approved=approved)
+    """The operator API of a new Service (its runtime `ctx`, or one on libvirt and the
+    configured database); run_scheduler=False serves the API without background work."""
+    service = Service(settings, ctx=ctx, background=run_scheduler)
     listener = (
-        MetadataListener(create_metadata_app(settings.metadata, ctx, approved), settings.metadata)
+        MetadataListener(
+            create_metadata_app(settings.metadata, service.ctx, service.approved),
+            settings.metadata,
+        )
         if settings.metadata.bind is not None
         else None
-    )
-    host_pings = HostPings(ctx.hypervisors)  # health's own threads, not ctx.pool
-    token_uses = TokenUses()
-    service_metrics = ServiceMetrics(
-        session_factory=ctx.session_factory,
-        host_pings=host_pings,
-        is_leader=lambda: scheduler.is_leader,
-    )
-    webhooks = WebhookSender(
-        session_factory=ctx.session_factory,
-        webhooks=settings.webhooks,
-        is_leader=lambda: scheduler.is_leader,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with unit_of_work(ctx.session_factory) as s:
-            sync_config_hosts(s, settings)
-        service_metrics.start()
-        if run_scheduler:
-            scheduler.start()
-            publisher.start()
-            webhooks.start()  # sends only while this replica leads
+        service.start()
         if listener is not None:
             listener.start()
-        stamper = asyncio.create_task(_stamp_token_uses(token_uses, ctx.session_factory))
         try:
             yield
         finally:
-            stamper.cancel()
-            with suppress(asyncio.CancelledError):
-                await stamper
             if listener is not None:
                 listener.stop()
-            if run_scheduler:
-                publisher.stop()
-                scheduler.shutdown()
-                webhooks.stop()
-            host_pings.close()
-            try:
-                token_uses.flush(session_factory=ctx.session_factory)
-            finally:
-                ctx.close()
+            service.stop()
 
     app = FastAPI(
         title="maintctl",
@@ -182,13 +121,7 @@ def create_app(
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
     )
-    app.state.ctx = ctx
-    app.state.scheduler = scheduler
-    app.state.publisher = publisher
-    app.state.host_pings = host_pings
-    app.state.token_uses = token_uses
-    app.state.metrics = service_metrics
-    app.state.webhooks = webhooks
+    app.state.service = service
     problems.install(app)
     for module in (health, hosts, runbooks, jobs, events, tokens, metrics, windows):
         app.include_router(module.router)
@@ -196,6 +129,6 @@ def create_app(
     _check_every_route_declares_a_role(app)
     app.add_middleware(InputScreen)
     app.add_middleware(BodyLimit)  # added last but one, so it runs before InputScreen
-    app.add_middleware(RequestDurations, metrics=service_metrics)  # outermost: times it all
+    app.add_middleware(RequestDurations, metrics=service.metrics)  # outermost: times it all
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -1,4 +1,4 @@
-"""Dependencies: database sessions, settings, the engine context, and authorization.
+"""Dependencies: database sessions, settings, the service and its runtime, and authorization.
 
 Authorization is deny-by-default: one app-wide dependency reads the role each route declares with
 requires(); a route that declares none answers 403 to everybody, and tests/api walks the
@@ -15,14 +15,15 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
+from controller.daemon.scheduler import MaintenanceScheduler
+from controller.daemon.service import Service
 from controller.hosts.host_pings import HostPings
 from controller.services.browser_sessions import SESSION_COOKIE, session_principal
 from controller.services.tokens import Principal, Role, TokenUses, authenticate
 from controller.settings import Settings
 from controller.store.db import unit_of_work
 from controller.store.models import utcnow
-from controller.work.scheduler import MaintenanceScheduler
 
 ROLE_KEY = "x-required-role"
 LOGIN_FORM_KEY = "x-login-form"
@@ -66,24 +67,25 @@ def _allowed_scraper(request: Request, settings: Settings) -> bool:
     return any(address in network for network in allow)
 
 
-def get_ctx(request: Request) -> EngineContext:
-    ctx: EngineContext = request.app.state.ctx
-    return ctx
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def get_ctx(request: Request) -> Runtime:
+    return get_service(request).ctx
 
 
 def get_scheduler(request: Request) -> MaintenanceScheduler:
-    scheduler: MaintenanceScheduler = request.app.state.scheduler
-    return scheduler
+    return get_service(request).scheduler
 
 
 def get_host_pings(request: Request) -> HostPings:
-    pings: HostPings = request.app.state.host_pings
-    return pings
+    return get_service(request).host_pings
 
 
 def get_token_uses(request: Request) -> TokenUses:
-    uses: TokenUses = request.app.state.token_uses
-    return uses
+    return get_service(request).token_uses
 
 
 def get_settings(request: Request) -> Settings:
@@ -136,7 +138,7 @@ def authorize(
     request.state.principal = principal
 
 
-def _session_principal(ctx: EngineContext, cookie: str) -> Principal | None:
+def _session_principal(ctx: Runtime, cookie: str) -> Principal | None:
     """A dashboard session (controller/services/browser_sessions.py): a viewer, reads only."""
     with unit_of_work(ctx.session_factory, read_only=True) as s:
         return session_principal(s, cookie, now=utcnow())
@@ -151,7 +153,7 @@ def get_principal(request: Request) -> Principal:
 # 503 instead of following a 2xx the client already has.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-CtxDep = Annotated[EngineContext, Depends(get_ctx)]
+CtxDep = Annotated[Runtime, Depends(get_ctx)]
 SchedulerDep = Annotated[MaintenanceScheduler, Depends(get_scheduler)]
 HostPingsDep = Annotated[HostPings, Depends(get_host_pings)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -19,11 +19,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from controller.cycle.runtime import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.decisions import scheduled_events as doc
-from controller.services import scheduled_events as se
 from controller.settings import MetadataSettings
 from controller.store.db import unit_of_work
+from controller.work import guest_documents as se
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RateLimit:
 class Callers:
     """Who is asking: a guest-scoped token, else the source address."""
 
-    def __init__(self, settings: MetadataSettings, ctx: EngineContext) -> None:
+    def __init__(self, settings: MetadataSettings, ctx: Runtime) -> None:
         self.settings, self.ctx = settings, ctx
         self._reported: dict[str, str] = {}
         self._read_at = 0.0
@@ -84,7 +84,7 @@ def _error(status: int, body: Mapping[str, object]) -> JSONResponse:
 
 
 def create_metadata_app(
-    settings: MetadataSettings, ctx: EngineContext, on_approved: Callable[[int], None]
+    settings: MetadataSettings, ctx: Runtime, on_approved: Callable[[int], None]
 ) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     callers = Callers(settings, ctx)

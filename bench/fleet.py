@@ -59,8 +59,9 @@ import psycopg
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 
+from controller.cycle.runtime import Runtime
+from controller.daemon.scheduler import MaintenanceScheduler
 from controller.decisions.rollout import RolloutPolicy
-from controller.engine import EngineContext
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.services import jobs
@@ -68,7 +69,6 @@ from controller.services.inventory import sync_config_hosts
 from controller.settings import DatabaseSettings, HostConfig, RunbookConfig, Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.store.models import Event, Job, JobGuest, JobHost
-from controller.work.scheduler import MaintenanceScheduler
 
 RUNBOOK = "noop"
 SAMPLE_SECONDS = 0.05
@@ -213,7 +213,7 @@ class SqlCounter:
     """Counts the engine's SQL statements and commits by thread name, through SQLAlchemy's
     public events on the context's database engine."""
 
-    def __init__(self, ctx: EngineContext) -> None:
+    def __init__(self, ctx: Runtime) -> None:
         self.engine = ctx.session_factory.kw["bind"]
         self.statements: Counter[str] = Counter()
         self.commits: Counter[str] = Counter()
@@ -279,7 +279,7 @@ def scratch_database(url: str | None, directory: Path) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def make_context(url: str, fleet: list[SimHost], journal: Path) -> EngineContext:
+def make_context(url: str, fleet: list[SimHost], journal: Path) -> Runtime:
     """An engine context as the service makes one, with the fleet declared as config hosts."""
     upgrade(url)
     settings = Settings(
@@ -294,7 +294,7 @@ def make_context(url: str, fleet: list[SimHost], journal: Path) -> EngineContext
     with unit_of_work(factory) as s:
         sync_config_hosts(s, settings)
     timeout = settings.maintenance.libvirt_call_timeout_seconds
-    return EngineContext(
+    return Runtime(
         settings=settings,
         session_factory=factory,
         hypervisors=HypervisorPool(lambda uri: LibvirtHost(uri, call_timeout=timeout)),
@@ -325,7 +325,7 @@ class Run:
     error: str | None = None
 
 
-def run_rollout(ctx: EngineContext, policy: RolloutPolicy, timeout: float) -> Run:
+def run_rollout(ctx: Runtime, policy: RolloutPolicy, timeout: float) -> Run:
     """Submit one job over every host and run it to its end; abort it at `timeout`."""
     with unit_of_work(ctx.session_factory) as s:
         job_id = jobs.submit(
@@ -431,7 +431,7 @@ STEP_KINDS = ("preflight_done", "pausing", "runbook_started", "runbook_finished"
 WAVE_KINDS = ("wave_started", "wave_finished", "gate_passed")
 
 
-def read_figures(ctx: EngineContext, job_id: int, f: Figures) -> None:
+def read_figures(ctx: Runtime, job_id: int, f: Figures) -> None:
     """The figures from the job's rows: columns only, so that reading 40,000 events does not
     itself become the peak of the process's memory (ru_maxrss)."""
     with unit_of_work(ctx.session_factory) as s:

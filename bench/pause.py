@@ -33,7 +33,8 @@ from pathlib import Path
 import libvirt
 from sqlalchemy import select
 
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
+from controller.daemon.scheduler import MaintenanceScheduler
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.services import jobs
@@ -41,7 +42,6 @@ from controller.services.inventory import sync_config_hosts
 from controller.settings import Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.store.models import Event, Job
-from controller.work.scheduler import MaintenanceScheduler
 from tests.testbed import SYSTEM_URI, TestBed
 
 RUNBOOKS = {"noop": ["true"], "sleep2": ["sleep", "2"]}
@@ -87,7 +87,7 @@ def independent_skews(bed: TestBed, names: list[str], reads: int = 5) -> list[tu
     return [bed.clock_offset(name, reads)[1:] for name in names]
 
 
-def maintctl_context(db_dir: Path, workers: int) -> EngineContext:
+def maintctl_context(db_dir: Path, workers: int) -> Runtime:
     url = f"sqlite:///{db_dir / f'bench-{workers}.db'}"
     upgrade(url)
     settings = Settings(
@@ -99,7 +99,7 @@ def maintctl_context(db_dir: Path, workers: int) -> EngineContext:
     with unit_of_work(factory) as s:
         sync_config_hosts(s, settings)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guest-op")
-    return EngineContext(
+    return Runtime(
         settings=settings,
         session_factory=factory,
         hypervisors=HypervisorPool(LibvirtHost),
@@ -108,7 +108,7 @@ def maintctl_context(db_dir: Path, workers: int) -> EngineContext:
 
 
 def maintctl_cycle(
-    ctx: EngineContext, runbook: str, sample: Sample, bed: TestBed, names: list[str]
+    ctx: Runtime, runbook: str, sample: Sample, bed: TestBed, names: list[str]
 ) -> None:
     with unit_of_work(ctx.session_factory) as s:
         job_id = jobs.submit(

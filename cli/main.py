@@ -174,7 +174,7 @@ def metadata_token(
 ) -> None:
     """Print the guest-scoped token a guest may send as "Authorization: Bearer TOKEN" to the
     metadata listener, where its source address does not identify it."""
-    from controller.services.scheduled_events import guest_token
+    from controller.work.guest_documents import guest_token
 
     secret = _settings(config).metadata.token_secret
     if secret is None:

@@ -29,11 +29,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from controller.errors import ConfigError
+from controller.errors import ConfigError, RunbookParamError
 
 DEFAULT_CONFIG_PATH = Path("/etc/maintctl/maintctl.toml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]{0,31})\}$")
+# The longest value a runbook parameter may take.
+MAX_PARAM_LENGTH = 256
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 # Host labels: a key like "rack" or "example.org/row", a value of plain characters.
@@ -284,6 +286,35 @@ class RunbookConfig(_Strict):
             raise ValueError(f"parameters never used in argv: {', '.join(sorted(unused))}")
         return self
 
+    def argv_for(self, name: str, params: dict[str, str]) -> list[str]:
+        """The apply argv with `params` validated against their declaration and substituted,
+        each as a whole element: no request can add a command, an option or a shell
+        metacharacter that means anything (there is no shell)."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise RunbookParamError(
+                f"runbook {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                f"it accepts: {', '.join(sorted(self.params)) or 'none'}"
+            )
+        missing = sorted(set(self.params) - set(params))
+        if missing:
+            raise RunbookParamError(
+                f"runbook {name!r} needs parameter {', '.join(map(repr, missing))}"
+            )
+        for key, value in params.items():
+            if not isinstance(value, str) or len(value) > MAX_PARAM_LENGTH or "\x00" in value:
+                raise RunbookParamError(
+                    f"parameter {key!r} must be a string of at most {MAX_PARAM_LENGTH} characters"
+                )
+            if not re.fullmatch(self.params[key], value):
+                raise RunbookParamError(
+                    f"parameter {key!r}={value!r} does not match {self.params[key]!r}"
+                )
+        return [
+            params[m.group(1)] if (m := PLACEHOLDER.match(element)) else element
+            for element in self.argv
+        ]
+
 
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 # The event types a webhook can subscribe to (fnmatch patterns over them: "job.*", "host.*").
@@ -353,6 +384,10 @@ class MaintenanceSettings(_Strict):
     reconcile_interval_seconds: float = Field(default=5.0, ge=0.5, le=3600)
     # A watchdog process per paused host that resumes the guests if this process dies.
     guardian: bool = True
+    # Where a local guardian runs: "auto" puts it in a systemd scope unit of its own when this
+    # machine runs systemd (outside the service's cgroup, which a stop or a crash kills), else
+    # in a session of its own; "systemd" requires the scope; "session" never uses one.
+    guardian_scope: Literal["auto", "systemd", "session"] = "auto"
     max_parallel_jobs: int = Field(default=4, ge=1, le=64)
     # Every libvirt call is abandoned after this long (a hung QEMU or libvirtd); a resume that
     # is not confirmed by then is recorded resume_pending and retried in the background.

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.services.inventory import sync_config_hosts
@@ -125,7 +125,7 @@ def make_settings(hosts: list[dict[str, Any]], **maintenance: Any) -> Settings:
 
 @dataclass
 class Harness:
-    ctx: EngineContext
+    ctx: Runtime
     settings: Settings
 
     @property
@@ -144,7 +144,7 @@ def make_harness(url: str, settings: Settings) -> Harness:
     factory = migrated(url)
     with unit_of_work(factory) as s:
         sync_config_hosts(s, settings)
-    ctx = EngineContext(
+    ctx = Runtime(
         settings=settings, session_factory=factory, hypervisors=HypervisorPool(LibvirtHost)
     )
     return Harness(ctx, settings)

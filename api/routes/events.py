@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CtxDep, SessionDep, requires
 from api.routes.jobs import event_public
 from api.schemas import MAX_ID, EventPublic
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.services.event_log import events_after, stream_start
 from controller.services.tokens import Role
 from controller.store.db import unit_of_work
@@ -32,7 +32,7 @@ def list_events(
     return [event_public(e) for e in events_after(session, after=after, limit=limit)]
 
 
-def _fetch(ctx: EngineContext, after: int) -> list[EventPublic]:
+def _fetch(ctx: Runtime, after: int) -> list[EventPublic]:
     with unit_of_work(ctx.session_factory) as s:
         return [event_public(e) for e in events_after(s, after=after, limit=BATCH)]
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import CtxDep, HostPingsDep, SchedulerDep, requires
 from api.schemas import DiskFreeCheck, Health, HealthCheck, HealthChecks, LibvirtCheck
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.hosts.host_pings import HostPings
 from controller.store.db import is_database_outage, limit_lock_wait, unit_of_work
 from controller.store.models import HealthProbe, Host, utcnow
@@ -45,7 +45,7 @@ def _upsert_probe(s: Session) -> None:
         s.execute(lite.on_conflict_do_update(index_elements=["id"], set_={"checked_at": now}))
 
 
-def _database_write(ctx: EngineContext) -> tuple[HealthCheck, list[tuple[str, str]]]:
+def _database_write(ctx: Runtime) -> tuple[HealthCheck, list[tuple[str, str]]]:
     """Rewrite the probe row and commit; also returns the hosts to ping."""
     try:
         with unit_of_work(ctx.session_factory) as s:
@@ -61,7 +61,7 @@ def _database_write(ctx: EngineContext) -> tuple[HealthCheck, list[tuple[str, st
     return HealthCheck(ok=True, detail="a row was written and committed"), hosts
 
 
-def _database_url(ctx: EngineContext) -> URL:
+def _database_url(ctx: Runtime) -> URL:
     bind = ctx.session_factory.kw.get("bind")
     return bind.url if isinstance(bind, Engine) else make_url(ctx.settings.database.url)
 

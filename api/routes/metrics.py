@@ -21,6 +21,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 )
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: a viewer token, or no token from an address in [server] metrics_allow."""
-    service: ServiceMetrics = request.app.state.metrics
+    service: ServiceMetrics = request.app.state.service.metrics
     body = await run_in_threadpool(service.render)
     return Response(body, media_type=CONTENT_TYPE)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from controller.cycle.patching import start_runbook
-from controller.cycle.runtime import EngineContext, HostRef, JobSpec
+from controller.cycle.runtime import HostRef, JobSpec, Runtime
+from controller.decisions.guests import GuestState
+from controller.decisions.runbook_outcomes import RunbookOutcome
 from controller.errors import AgentUnavailable, HypervisorError, Unsupported
-from controller.hosts.hypervisor import GuestState
-from controller.hosts.runbooks import RunbookOutcome, runbook_env
+from controller.hosts.launcher import run_step, step_env
 from controller.settings import RunbookConfig
 from controller.store.db import unit_of_work
 from controller.store.models import JobGuest
@@ -38,7 +38,7 @@ class GateResult:
 
 
 def health_gate(
-    ctx: EngineContext,
+    ctx: Runtime,
     spec: JobSpec,
     hosts: list[HostRef],
     runbook: RunbookConfig,
@@ -78,7 +78,7 @@ def health_gate(
             return GateResult(False, "; ".join(problems)[:2000], waited, len(guests))
 
 
-def _guest_problem(ctx: EngineContext, host: HostRef, guest: str, uuid: str) -> str | None:
+def _guest_problem(ctx: Runtime, host: HostRef, guest: str, uuid: str) -> str | None:
     hv = ctx.hypervisors.get(host.uri)
     try:
         state, reason = hv.state(uuid)
@@ -95,27 +95,21 @@ def _guest_problem(ctx: EngineContext, host: HostRef, guest: str, uuid: str) -> 
 
 
 def _check_problem(
-    ctx: EngineContext, spec: JobSpec, host: HostRef, check: list[str], deadline: float
+    ctx: Runtime, spec: JobSpec, host: HostRef, check: list[str], deadline: float
 ) -> str | None:
     """Run the runbook's check for this host where its runbook runs (here, or over SSH)."""
-    env = runbook_env(
-        {
-            "MAINTCTL_JOB_ID": str(spec.id),
-            "MAINTCTL_HOST": host.name,
-            "MAINTCTL_HOST_URI": host.uri,
-        }
-    )
     limit = max(1.0, min(CHECK_TIMEOUT_SECONDS, deadline - time.monotonic()))
-    try:
-        proc = start_runbook(host, check, env=env, output_limit=CHECK_OUTPUT_LIMIT)
-    except OSError as exc:
-        return f"check on {host.name} cannot start: {exc}"
-    done = proc.wait(
-        timeout_at=proc.started + limit,
-        budget_at=proc.started + limit,
+    done = run_step(
+        host.site,
+        check,
+        env=step_env(job_id=spec.id, host=host.name, uri=host.uri, step="check"),
+        output_limit=CHECK_OUTPUT_LIMIT,
+        timeout=limit,
         abort=threading.Event(),
         grace=ctx.settings.maintenance.kill_grace_seconds,
     )
+    if done.exit_code is None and done.duration_s == 0.0:
+        return f"check on {host.name} cannot start: {done.error}"
     if done.outcome in (RunbookOutcome.TIMED_OUT, RunbookOutcome.BUDGET_EXCEEDED):
         return f"check on {host.name} still running after {limit:.0f} s"
     if done.outcome is not RunbookOutcome.COMPLETED:

@@ -35,9 +35,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.decisions.states import ItemState, JobState
 from controller.store.db import is_database_outage, unit_of_work
-from controller.store.events import MAX_MESSAGE, record_event
+from controller.store.events import event_row
 from controller.store.models import Event, JobGuest, JournalBatch, PauseIntent
-from controller.work.lifecycle import Lease, finish, finish_item, still_held
+from controller.work.items import Lease, finish_item, still_held
+from controller.work.lifecycle import finish
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
@@ -154,33 +155,23 @@ def _core(s: Session) -> Connection:
 
 
 def _event_row(op: AddEvent) -> dict[str, Any]:
-    return {
-        "at": op.at,
-        "kind": op.kind,
-        "job_id": op.job_id,
-        "host": op.host,
-        "guest": op.guest,
-        "actor": op.actor,
-        "message": op.message[:MAX_MESSAGE],
-        "details": op.details,
-    }
+    return event_row(
+        op.kind,
+        op.message,
+        job_id=op.job_id,
+        host=op.host,
+        guest=op.guest,
+        actor=op.actor,
+        at=op.at,
+        details=op.details,
+    )
 
 
 def _apply_op(s: Session, op: Op) -> bool:
-    """Apply one operation in the caller's transaction; False stops the rest of its batch."""
-    if isinstance(op, AddEvent):
-        record_event(
-            s,
-            op.kind,
-            op.message,
-            job_id=op.job_id,
-            host=op.host,
-            guest=op.guest,
-            actor=op.actor,
-            at=op.at,
-            **op.details,
-        )
-    elif isinstance(op, UpdateGuest):
+    """Apply one operation (not an event: _apply inserts those together) in the caller's
+    transaction; False stops the rest of its batch."""
+    assert not isinstance(op, AddEvent)
+    if isinstance(op, UpdateGuest):
         # Table-level Core statements built once (their compiled form is cached): these are most
         # of what a cycle writes. The UPDATE sets the columns its parameters name.
         conn = _core(s)

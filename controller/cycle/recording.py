@@ -1,44 +1,70 @@
-"""How one host's maintenance cycle is written down: its rows and events, in order.
+"""How one host's maintenance cycle is written down: every row and event it makes, in order.
 
-Before the first pause each step is recorded in one short transaction of its own, and the pause
-intents are committed before any suspend call is made. From the first pause on nothing waits on
-the database: the records go to the outbox, which writes them in order (and keeps them in its
-journal while the database is away). HostCycle (controller.engine) says when; this says how.
+The one path a cycle's records take. Before the write-ahead intents each step is recorded in one
+short transaction of its own, and the intents are committed before any suspend call is made.
+From then on nothing waits on the database: the records go to the outbox, which writes them in
+order (and keeps them in its journal while the database is away). The host cycle
+(controller/cycle/host_cycle.py) says when; this says how.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.cycle.gate import GateResult
-from controller.cycle.guest_ops import PauseResult, WallClock, pause_ms
-from controller.cycle.outbox import (
-    AddEvent,
-    FinishItem,
-    FinishJob,
-    Op,
-    Outbox,
-    ResolveIntent,
-    UpdateGuest,
-    WhileHeld,
-)
-from controller.cycle.resumption import ResumeTask, Settled, SettleKind
+from controller.cycle.guest_notices import GuestNotices, HookRun
+from controller.cycle.outbox import AddEvent, Op, Outbox, ResolveIntent, UpdateGuest, WhileHeld
+from controller.cycle.resumption import ResumeTask
 from controller.cycle.runtime import HostRef, JobSpec
-from controller.decisions.states import ItemState
-from controller.decisions.verdicts import BudgetExceeded, HostResult, Verdict, item_state
+from controller.decisions.guests import GuestInfo
+from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
+from controller.decisions.verdicts import BudgetExceeded
 from controller.hosts.clock import ClockSync
-from controller.hosts.hypervisor import GuestInfo
-from controller.hosts.runbooks import RunbookOutcome, RunbookResult, RunningRunbook
-from controller.services.inventory import record_guest_states
+from controller.hosts.guardian import Settled, SettleKind
+from controller.hosts.guardian_link import GuardianLink
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
+from controller.store.guest_cache import record_guest_states
 from controller.store.models import JobGuest, PauseIntent, utcnow
-from controller.work.lifecycle import Lease
+from controller.work.guest_documents import Published
+from controller.work.items import Lease
+
+
+class WallClock:
+    """Turns time.monotonic() readings into UTC datetimes that agree with each other."""
+
+    def __init__(self) -> None:
+        self._mono = time.monotonic()
+        self._wall = datetime.now(UTC)
+
+    def at(self, mono: float) -> datetime:
+        return self._wall + timedelta(seconds=mono - self._mono)
+
+
+def pause_ms(paused_at: datetime, resumed_at: datetime) -> float:
+    """A guest's pause in ms, from just before the suspend request to the confirmed resume.
+
+    The one place a pause is measured: the cycle, the late resumes and recovery all use it.
+    """
+    return round((resumed_at - paused_at).total_seconds() * 1000, 3)
+
+
+@dataclass(frozen=True)
+class PauseResult:
+    guest: GuestInfo
+    paused: bool  # True only if this call paused it: only those are ours to resume
+    started: float  # monotonic, just before the suspend call
+    finished: float
+    error: str | None = None
+    # The call was abandoned or the connection dropped mid-call: it may still pause the guest,
+    # so the guest is resumed (and its intent kept open) as if it had been paused.
+    uncertain: bool = False
 
 
 def _late(task: ResumeTask) -> str:
@@ -65,6 +91,7 @@ class HostRecorder:
         self.job_id, self.host, self.host_uri = spec.id, host.name, host.uri
         self.runbook, self.budget = spec.runbook, spec.budget
         self.runbook_timeout, self.resume_reserve = runbook_timeout, resume_reserve
+        self._pausing = False  # the intents are written: from now on, through the outbox
 
     def _while_held(self, ops: list[Op]) -> list[Op]:
         """These records are written only if the lease still holds when the outbox gets to them
@@ -82,9 +109,40 @@ class HostRecorder:
     def _event(self, s: Session, kind: str, message: str, **kw: Any) -> None:
         record_event(s, kind, message, job_id=self.job_id, host=self.host, **kw)
 
-    def host_unavailable(self, error: str) -> None:
+    def _record(self, kind: str, message: str, guest: str | None = None, **details: Any) -> None:
+        """One event: in a transaction of its own before the intents, else through the outbox."""
+        if self._pausing:
+            self.outbox.submit(self._add_event(kind, message, guest, **details))
+            return
         with self._tx() as s:
-            self._event(s, "host_unavailable", error)
+            self._event(s, kind, message, guest=guest, **details)
+
+    def host_unavailable(self, error: str) -> None:
+        self._record("host_unavailable", error)
+
+    def step_started(self, step: str, argv: list[str], timeout: float) -> None:
+        """A staged step (prepare before the pause, verify after it) starts."""
+        self._record(
+            f"{step}_started",
+            f"{step} of runbook {self.runbook} started on {self.host}",
+            argv=argv,
+            timeout_seconds=timeout,
+        )
+
+    def step_finished(self, step: str, rb: RunbookResult) -> None:
+        message, details = step_outcome(self.runbook, step, rb)
+        self._record(f"{step}_finished", message, **details)
+
+    def document(self, notices: GuestNotices, doc: Published, error: str | None) -> None:
+        """A guest's Scheduled Events document, written into it through its agent (or not)."""
+        with self._tx() as s:
+            notices.record_write(s, doc, self.job_id, error)
+
+    def hooks(self, runs: list[HookRun]) -> None:
+        """A guest's freeze hooks (before the pause) or thaw hooks (after it) ran."""
+        for run in runs:
+            kind, message, details = run.event()
+            self._record(kind, message, run.guest, **details)
 
     def preflight(
         self,
@@ -125,6 +183,7 @@ class HostRecorder:
 
     def intents(self, targets: list[GuestInfo]) -> None:
         """The write-ahead record: committed before any suspend call is made."""
+        self._pausing = True
         with self._tx() as s:
             for guest in targets:
                 s.add(
@@ -157,8 +216,9 @@ class HostRecorder:
         self,
         pauses: list[PauseResult],
         paused_at: Mapping[str, datetime],
-        proc: RunningRunbook | None,
+        runbook: tuple[list[str], int] | None,
     ) -> None:
+        """The pauses, and the runbook started meanwhile (its argv and process group)."""
         ops: list[Op] = []
         for p in pauses:
             if p.paused:
@@ -189,13 +249,14 @@ class HostRecorder:
                         "guest_pause_failed", f"{p.guest.name}: {p.error}", p.guest.name
                     ),
                 ]
-        if proc is not None:
+        if runbook is not None:
+            argv, pgid = runbook
             ops.append(
                 self._add_event(
                     "runbook_started",
-                    f"runbook {self.runbook} started (pid {proc.pgid})",
-                    argv=proc.argv,
-                    pid=proc.pgid,
+                    f"runbook {self.runbook} started (pid {pgid})",
+                    argv=argv,
+                    pid=pgid,
                     timeout_seconds=self.runbook_timeout,
                 )
             )
@@ -229,6 +290,26 @@ class HostRecorder:
                 )
             )
         self.outbox.submit(*self._while_held(ops))
+
+    def back(
+        self, task: ResumeTask, paused_at: datetime | None, guardian: GuardianLink | None
+    ) -> float | None:
+        """A guest settled after its pause: resumed (returns its pause_ms, None if its pause is
+        unconfirmed), or left as it is. Found running without our resume while a guardian
+        watched: if the guardian resumed it (we were stuck), its time is the real one."""
+        settled = task.settled
+        assert settled is not None
+        resumed_at = self.wall.at(settled.mono)
+        by_guardian = None
+        if settled.running and not settled.we_resumed and guardian is not None:
+            by_guardian = guardian.resumed_at(task.uuid)
+            resumed_at = by_guardian or resumed_at
+        if not settled.running:
+            self.not_resumed(task, settled, resumed_at)
+            return None
+        return self.resumed(
+            task, settled, paused_at, resumed_at, by_guardian=by_guardian is not None
+        )
 
     def resume_pending(self, task: ResumeTask, waited: float) -> None:
         self.outbox.submit(
@@ -309,7 +390,25 @@ class HostRecorder:
         )
 
 
-# --- one guest's outcome: the same values and pause_ms for the engine and for recovery --------
+# --- one step's and one guest's outcome: the same values wherever they are recorded ----------
+
+
+def step_outcome(runbook: str, step: str, rb: RunbookResult) -> tuple[str, dict[str, Any]]:
+    """The message and details of a finished step's event."""
+    message = (
+        f"{step} of runbook {runbook}: {rb.outcome.value} (exit {rb.exit_code}) "
+        f"after {rb.duration_s:.3f} s"
+    )
+    details: dict[str, Any] = {
+        "step": step,
+        "outcome": rb.outcome.value,
+        "exit_code": rb.exit_code,
+        "duration_s": round(rb.duration_s, 6),
+        "stdout": rb.stdout,
+        "stderr": rb.stderr,
+        "error": rb.error,
+    }
+    return message, details
 
 
 def resumed_values(paused_at: datetime | None, resumed_at: datetime) -> dict[str, Any]:
@@ -330,144 +429,3 @@ def synced_values(c: ClockSync) -> dict[str, Any]:
         "sync_method": c.method.value,
         "sync_outcome": c.outcome.value,
     }
-
-
-def record_recovered(
-    outbox: Outbox,
-    *,
-    job_id: int,
-    host: str,
-    guest: str,
-    uuid: str,
-    intent_id: int,
-    paused_at: datetime | None,
-    settled: Settled,
-    sync: ClockSync | None,
-) -> None:
-    """Reconciliation's record of one guest it settled: resume and clock sync in one batch, so
-    the intent's conditional resolution makes the whole record happen exactly once."""
-    values: dict[str, Any]
-    if settled.kind is SettleKind.RUNNING:
-        assert sync is not None
-        values = resumed_values(paused_at, settled.wall) | synced_values(sync)
-        resolution, kind = "recovered", "guest_recovered"
-        note = "resumed" if settled.we_resumed else settled.note
-    elif settled.kind is SettleKind.GONE:
-        values = {"flagged": settled.note, "status": "flagged"}
-        resolution, kind, note = "gone", "intent_resolved", settled.note
-    else:
-        note = f"left as it is: {settled.note}"
-        values = {"flagged": note[:255], "status": "flagged"}
-        resolution, kind = "left_alone", "guest_left_paused"
-    outbox.submit(
-        ResolveIntent(job_id, uuid, resolution, settled.wall, intent_id=intent_id),
-        UpdateGuest(job_id, host, guest, uuid, values),
-        AddEvent(
-            kind,
-            f"{guest}: {note}",
-            utcnow(),
-            job_id,
-            host,
-            guest,
-            actor="reconciler",
-            details={
-                "resolution": resolution,
-                "sync_outcome": None if sync is None else sync.outcome.value,
-                "skew_ms": None if sync is None else sync.skew_ms,
-                "attempts": settled.attempts,
-                "pause_ms": values.get("pause_ms"),
-            },
-        ),
-    )
-
-
-# --- the job's records around its host cycles ----------------------------------------------------
-
-
-def record_host_waiting(s: Session, *, job_id: int, host: str) -> None:
-    """Noted once, in the claim's transaction, when the host is busy with another job."""
-    record_event(
-        s,
-        "host_waiting",
-        f"job {job_id} waits for host {host}, busy with another job",
-        job_id=job_id,
-        host=host,
-    )
-
-
-def record_notice_started(s: Session, *, job_id: int, host: str, until: datetime) -> None:
-    record_event(
-        s,
-        "notice_started",
-        f"host {host}: Scheduled Events published, not before {until.isoformat()}",
-        job_id=job_id,
-        host=host,
-        actor="controller",
-        notice_until=until.isoformat(),
-    )
-
-
-def _finish_item(
-    lease: Lease, state: ItemState, outcome: str | None, detail: str | None
-) -> FinishItem:
-    return FinishItem(
-        lease.item_id,
-        lease.job_id,
-        lease.host,
-        lease.owner,
-        lease.epoch,
-        state.value,
-        utcnow(),
-        outcome,
-        detail,
-    )
-
-
-def item_finished(lease: Lease, result: HostResult) -> FinishItem:
-    """The end of a host's work item, written if the lease (owner and epoch) still holds."""
-    return _finish_item(lease, item_state(result), result.failure, result.detail or None)
-
-
-def item_not_started(lease: Lease, verdict: str) -> FinishItem:
-    """A host whose item was claimed but whose cycle never started: the job ended first."""
-    detail = "claimed, but the job ended before this host was started"
-    return _finish_item(lease, ItemState.SKIPPED, f"job {verdict}", detail)
-
-
-def wave_started(job_id: int, wave: int, hosts: list[str]) -> AddEvent:
-    return AddEvent(
-        "wave_started",
-        f"update domain {wave}: {', '.join(hosts)}",
-        utcnow(),
-        job_id,
-        details={"wave": wave, "hosts": hosts},
-    )
-
-
-def gate_recorded(job_id: int, wave: int, gate: GateResult) -> AddEvent:
-    if gate.passed:
-        message = f"update domain {wave} healthy ({gate.guests} guest(s) checked)"
-    else:
-        message = f"update domain {wave} unhealthy after {gate.waited_s:.1f} s: {gate.detail}"
-    return AddEvent(
-        "gate_passed" if gate.passed else "gate_failed",
-        message[:2000],
-        utcnow(),
-        job_id,
-        details={"wave": wave, "waited_s": round(gate.waited_s, 3), "guests": gate.guests},
-    )
-
-
-def wave_finished(job_id: int, wave: int, failed: list[str]) -> AddEvent:
-    how = f"{len(failed)} host(s) failed" if failed else "every host done"
-    return AddEvent(
-        "wave_finished",
-        f"update domain {wave} finished: {how}",
-        utcnow(),
-        job_id,
-        details={"wave": wave, "failed": failed},
-    )
-
-
-def job_finished(job_id: int, verdict: Verdict) -> FinishJob:
-    return FinishJob(job_id, verdict.state.value, utcnow(), verdict.reason, verdict.detail or None)

@@ -15,21 +15,25 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 
-from controller.cycle.guest_ops import sync_one
-from controller.cycle.recording import record_recovered
-from controller.cycle.resumption import ResumeTask, SettleKind
+from controller.cycle.clock_sync import sync_one
+from controller.cycle.outbox import AddEvent, Outbox, ResolveIntent, UpdateGuest
+from controller.cycle.recording import resumed_values, synced_values
+from controller.cycle.resumption import ResumeTask
+from controller.cycle.runtime import Runtime
 from controller.decisions.states import ACTIVE, JobState, is_terminal
-from controller.engine import EngineContext
 from controller.hosts.clock import ClockSync
+from controller.hosts.guardian import Settled, SettleKind
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
 from controller.store.models import Host, Job, JobGuest, JobHost, PauseIntent, utcnow
-from controller.work.lifecycle import HELD, take_over, transition
-from controller.work.runners import runner_alive, runner_dead_here
+from controller.work.items import HELD, take_over
+from controller.work.lifecycle import transition
+from controller.work.ownership import interrupt_reason, job_alive, takeover_reason
 
 log = logging.getLogger(__name__)
 _reconcile_lock = threading.Lock()
@@ -50,16 +54,7 @@ class OpenIntent:
     sync_clock: bool
 
 
-def _job_is_alive(ctx: EngineContext, job: Job, now: datetime) -> bool:
-    if job.id in ctx.active:
-        return True
-    grace = timedelta(seconds=ctx.settings.maintenance.lease_seconds)
-    return job.runner_id != ctx.runner_id and runner_alive(
-        job.runner_id, job.heartbeat_at, now, grace
-    )
-
-
-def _take_over_expired(ctx: EngineContext) -> None:
+def _take_over_expired(ctx: Runtime) -> None:
     """End held items whose owner stopped renewing its lease, or died on this machine.
 
     Each is ended `interrupted` by a conditional UPDATE on the epoch it was seen with, so of
@@ -82,13 +77,8 @@ def _take_over_expired(ctx: EngineContext) -> None:
     for item in held:
         if item.job_id in ctx.active:
             continue
-        if runner_dead_here(item.owner):
-            why = f"its owner {item.owner} is gone"
-        elif item.lease_expires_at is None or item.lease_expires_at <= now:
-            why = (
-                f"its owner {item.owner} did not renew the lease (expired {item.lease_expires_at})"
-            )
-        else:
+        why = takeover_reason(item.owner, item.lease_expires_at, now)
+        if why is None:
             continue
         with unit_of_work(ctx.session_factory) as s:
             if take_over(s, item.id, item.epoch, now, why):
@@ -105,7 +95,7 @@ def _take_over_expired(ctx: EngineContext) -> None:
                 )
 
 
-def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
+def _orphans(ctx: Runtime) -> tuple[list[OpenIntent], list[int]]:
     """Open intents that no live owner holds, and active-state jobs nobody runs."""
     now = utcnow()
     held_item = (
@@ -149,15 +139,72 @@ def _orphans(ctx: EngineContext) -> tuple[list[OpenIntent], list[int]]:
         stale_jobs = [
             job.id
             for job in s.scalars(select(Job).where(Job.state.in_([st.value for st in ACTIVE])))
-            if job.id not in holding and not _job_is_alive(ctx, job, now)
+            if job.id not in holding
+            and not job_alive(
+                job_id=job.id,
+                runner_id=job.runner_id,
+                lease_expires_at=job.lease_expires_at,
+                now=now,
+                active=ctx.active,
+                me=ctx.runner_id,
+            )
         ]
     return intents, stale_jobs
+
+
+def record_recovered(
+    outbox: Outbox,
+    *,
+    job_id: int,
+    host: str,
+    guest: str,
+    uuid: str,
+    intent_id: int,
+    paused_at: datetime | None,
+    settled: Settled,
+    sync: ClockSync | None,
+) -> None:
+    """Reconciliation's record of one guest it settled: resume and clock sync in one batch, so
+    the intent's conditional resolution makes the whole record happen exactly once."""
+    values: dict[str, Any]
+    if settled.kind is SettleKind.RUNNING:
+        assert sync is not None
+        values = resumed_values(paused_at, settled.wall) | synced_values(sync)
+        resolution, kind = "recovered", "guest_recovered"
+        note = "resumed" if settled.we_resumed else settled.note
+    elif settled.kind is SettleKind.GONE:
+        values = {"flagged": settled.note, "status": "flagged"}
+        resolution, kind, note = "gone", "intent_resolved", settled.note
+    else:
+        note = f"left as it is: {settled.note}"
+        values = {"flagged": note[:255], "status": "flagged"}
+        resolution, kind = "left_alone", "guest_left_paused"
+    outbox.submit(
+        ResolveIntent(job_id, uuid, resolution, settled.wall, intent_id=intent_id),
+        UpdateGuest(job_id, host, guest, uuid, values),
+        AddEvent(
+            kind,
+            f"{guest}: {note}",
+            utcnow(),
+            job_id,
+            host,
+            guest,
+            actor="reconciler",
+            details={
+                "resolution": resolution,
+                "sync_outcome": None if sync is None else sync.outcome.value,
+                "skew_ms": None if sync is None else sync.skew_ms,
+                "attempts": settled.attempts,
+                "pause_ms": values.get("pause_ms"),
+            },
+        ),
+    )
 
 
 class _Recovery:
     """The follow-up of one recovered guest: sync its clock, then record it once."""
 
-    def __init__(self, ctx: EngineContext, intent: OpenIntent) -> None:
+    def __init__(self, ctx: Runtime, intent: OpenIntent) -> None:
         self.ctx, self.intent = ctx, intent
 
     def __call__(self, task: ResumeTask) -> ClockSync | None:
@@ -194,27 +241,19 @@ class _Recovery:
         return sync
 
 
-def _interrupt(ctx: EngineContext, job_ids: set[int]) -> None:
+def _interrupt(ctx: Runtime, job_ids: set[int]) -> None:
     for job_id in sorted(job_ids):
         with unit_of_work(ctx.session_factory) as s:
             job = s.get(Job, job_id)
             if job is None or is_terminal(job.state) or job_id in ctx.active:
                 continue
-            if job.runner_id is None or runner_dead_here(job.runner_id):
-                reason = "controller_restarted"
-                detail = "the controller running this job stopped; its guests were reconciled"
-            else:
-                reason = "owner_lost"
-                detail = (
-                    f"the controller running this job ({job.runner_id}) stopped renewing its "
-                    f"heartbeat (last {job.heartbeat_at}); its guests were reconciled"
-                )
+            reason, detail = interrupt_reason(job.runner_id, job.lease_expires_at)
             transition(
                 s, job, JobState.INTERRUPTED, reason=reason, detail=detail, actor="reconciler"
             )
 
 
-def reconcile(*, ctx: EngineContext) -> list[ResumeTask]:
+def reconcile(*, ctx: Runtime) -> list[ResumeTask]:
     """One reconciliation pass; safe to call at any time, from any thread.
 
     Returns the resume tasks it started; each records its guest once it is settled.

@@ -1,9 +1,8 @@
-"""Resume a guest we paused until it runs: the one loop the engine, recovery and the guardian share.
+"""The guests this process must bring back, each resumed on a thread of its own until settled.
 
-A failed connection is never a reason to give up: libvirtd may be restarting under a host patch.
-The loop settles only on what libvirt confirms: the guest runs (libvirt answered our resume, or
-the state read back says running), it is paused for a reason that is not ours or shut off (left
-alone and flagged), or it no longer exists. No database here.
+The loop itself (controller.hosts.guardian.settle) is the one the guardian runs too: a failed
+connection is never a reason to give up, and the loop settles only on what libvirt confirms. No
+database here.
 """
 
 from __future__ import annotations
@@ -13,64 +12,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
-from controller.errors import GuestNotFound, HypervisorError
+from controller.errors import GuestNotFound
 from controller.hosts.deadlines import run_on_thread
-from controller.hosts.hypervisor import OUR_PAUSE_REASONS, GuestState, Hypervisor
+from controller.hosts.guardian import (
+    RETRY_CAP_SECONDS,
+    RETRY_FIRST_SECONDS,
+    Settled,
+    SettleKind,
+    settle,
+)
+from controller.hosts.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
-RETRY_FIRST_SECONDS = 0.05
-# The longest wait between two attempts: a guest runs at most this long after libvirtd is back.
-RETRY_CAP_SECONDS = 0.5
 
-
-class SettleKind(StrEnum):
-    RUNNING = "running"  # confirmed running
-    LEFT_ALONE = "left_alone"  # paused for a reason not ours, or shut off: flagged, not touched
-    GONE = "gone"  # the guest no longer exists
-    FENCED = "fenced"  # no longer ours: another owner took the work over; not touched, not recorded
-
-
-@dataclass(frozen=True)
-class Settled:
-    kind: SettleKind
-    mono: float  # time.monotonic() at the confirmation
-    wall: datetime  # the same moment in UTC
-    we_resumed: bool = False  # libvirt answered our own resume call
-    note: str = ""
-    attempts: int = 1
-
-    @property
-    def running(self) -> bool:
-        return self.kind is SettleKind.RUNNING
-
-
-def _settled(kind: SettleKind, **kw: Any) -> Settled:
-    return Settled(kind, time.monotonic(), datetime.now(UTC), **kw)
-
-
-def _confirmed(hv: Hypervisor, uuid: str, attempts: int) -> Settled:
-    """libvirt answered our resume; check that the guest did not pause again by itself."""
-    resumed = _settled(SettleKind.RUNNING, we_resumed=True, note="resumed", attempts=attempts)
-    try:
-        state, reason = hv.state(uuid)
-    except HypervisorError:
-        return resumed  # libvirt's answer to the resume is the confirmation
-    if state is GuestState.PAUSED and reason not in OUR_PAUSE_REASONS:
-        # Paused again on its own (an I/O error): flagged; never resumed in a loop.
-        return Settled(
-            SettleKind.LEFT_ALONE,
-            resumed.mono,
-            resumed.wall,
-            we_resumed=True,
-            note=f"paused again by itself: {state.value} ({reason})",
-            attempts=attempts,
-        )
-    return resumed
+def _gone(exc: BaseException) -> bool:
+    return isinstance(exc, GuestNotFound)
 
 
 def resume_until_settled(
@@ -79,44 +38,21 @@ def resume_until_settled(
     *,
     stop: threading.Event,
     on_failure: Callable[[str], None] | None = None,
+    fence: Callable[[], bool] | None = None,
     first_delay: float = RETRY_FIRST_SECONDS,
     max_delay: float = RETRY_CAP_SECONDS,
-    fence: Callable[[], bool] | None = None,
 ) -> Settled | None:
-    """Resume until settled, retrying with backoff for as long as it takes; None once stop is set.
-
-    `fence()` true means the guest is no longer ours to touch (another replica took the work
-    over): the loop ends at once without another call, settled FENCED.
-    """
-    delay, attempts = first_delay, 0
-    while not stop.is_set():
-        if fence is not None and fence():
-            return _settled(
-                SettleKind.FENCED, note="taken over by another owner", attempts=attempts
-            )
-        attempts += 1
-        try:
-            if hv.resume(uuid):
-                return _confirmed(hv, uuid, attempts)
-            state, reason = hv.state(uuid)
-        except GuestNotFound:
-            return _settled(SettleKind.GONE, note="the guest no longer exists", attempts=attempts)
-        except HypervisorError as exc:
-            # Host unreachable, call abandoned, daemon restarting: none of these is an answer.
-            if on_failure is not None:
-                on_failure(str(exc))
-            stop.wait(delay)
-            delay = min(delay * 2, max_delay)
-            continue
-        if state is GuestState.RUNNING:
-            note = "found running (resumed by another hand, or by an earlier call)"
-            return _settled(SettleKind.RUNNING, note=note, attempts=attempts)
-        if state is GuestState.PAUSED and reason in OUR_PAUSE_REASONS:
-            stop.wait(delay)  # paused again between our read and our call: ours, try again
-            delay = min(delay * 2, max_delay)
-            continue
-        return _settled(SettleKind.LEFT_ALONE, note=f"{state.value} ({reason})", attempts=attempts)
-    return None
+    """guardian.settle() on this process's own connection to the host."""
+    return settle(
+        hv,
+        uuid,
+        stop=stop,
+        gone=_gone,
+        on_failure=on_failure,
+        fence=fence,
+        first_delay=first_delay,
+        max_delay=max_delay,
+    )
 
 
 @dataclass(eq=False)
@@ -135,6 +71,16 @@ class ResumeTask:
     finished: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: bool = False
+    _watchers: list[Callable[[ResumeTask], None]] = field(default_factory=list)
+
+    def watch(self, notify: Callable[[ResumeTask], None]) -> None:
+        """notify(task) once it has settled: at once if it has, else on the resume's thread.
+        Only a signal (a queue's put): it must not block the resume's thread."""
+        with self._lock:
+            if self.settled is None:
+                self._watchers.append(notify)
+                return
+        notify(self)
 
     def _note_failure(self, error: str) -> None:
         self.last_error = error
@@ -149,7 +95,11 @@ class ResumeTask:
         with self._lock:
             self.settled = settled
             self.settled_event.set()
-            return self._pending
+            watchers, self._watchers = self._watchers, []
+            pending = self._pending
+        for notify in watchers:
+            notify(self)
+        return pending
 
     def mark_pending(self) -> bool:
         """Mark as pending unless it has settled meanwhile; True if it is pending now."""
@@ -169,8 +119,8 @@ class Resumer:
     """Every guest this process must bring back, each resumed on its own thread until settled.
 
     One task per guest at a time: asking again for a guest already in hand returns its task.
-    The follow-up (`then`) runs on the task's thread once the guest has settled: it records the
-    outcome and syncs the clock.
+    A follow-up (`then`, reconciliation's) runs on the task's thread once the guest has settled;
+    a host cycle watches its tasks instead and follows up on its own thread.
     """
 
     def __init__(self) -> None:

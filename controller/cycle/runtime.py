@@ -1,77 +1,58 @@
 """What this controller process holds while it runs jobs, and each job as it runs.
 
-One EngineContext per process (made by the service, or by a test) is shared by the scheduler,
-the engine, recovery and the API. It owns what outlives any one job: the jobs in hand with their
+One Runtime per process (made by the service, or by a test) is shared by the scheduler, the
+rollout, recovery and the API. It owns what outlives any one job: the jobs in hand with their
 abort signals, the guest-op thread pool, the resumer (guests still being brought back), the
-outbox (records waiting for the database) and the hypervisor connections. JobSpec and HostRef
-are a job and its hosts as read once when the job starts: frozen values, not database rows.
+guardians not yet released, the outbox (records waiting for the database) and the hypervisor
+connections. JobSpec and HostRef are a job and its hosts as read once when the job starts:
+frozen values, not database rows.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.cycle.notices import GuestNotices
-from controller.cycle.outbox import Outbox
+from controller.cycle.guest_notices import GuestNotices
+from controller.cycle.outbox import AddEvent, Outbox
 from controller.cycle.resumption import Resumer
 from controller.decisions.preflight import BusyGuestPolicy
 from controller.decisions.rollout import RolloutPolicy
 from controller.decisions.states import JobState
+from controller.hosts.guardian_link import GuardianLink
 from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.launcher import Site
 from controller.settings import Settings
-from controller.store.models import Job
-from controller.work import runners
+from controller.store.models import Job, utcnow
+from controller.work.ownership import ActiveJobs, this_runner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-class ActiveJobs:
-    """Jobs running in this process, each with its abort signal."""
+@dataclass(eq=False)
+class HeldGuardian:
+    """A guardian whose guests are not all confirmed settled yet, and whose they are."""
 
-    def __init__(self) -> None:
-        self._jobs: dict[int, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def add(self, job_id: int) -> threading.Event:
-        with self._lock:
-            return self._jobs.setdefault(job_id, threading.Event())
-
-    def remove(self, job_id: int) -> None:
-        with self._lock:
-            self._jobs.pop(job_id, None)
-
-    def __contains__(self, job_id: object) -> bool:
-        with self._lock:
-            return job_id in self._jobs
-
-    def abort(self, job_id: int) -> bool:
-        with self._lock:
-            signal = self._jobs.get(job_id)
-        if signal is None:
-            return False
-        signal.set()
-        return True
-
-    def abort_all(self) -> list[int]:
-        with self._lock:
-            ids = list(self._jobs)
-            for signal in self._jobs.values():
-                signal.set()
-        return ids
+    link: GuardianLink
+    job_id: int
+    host: str
+    guests: list[str]
 
 
 @dataclass
-class EngineContext:
+class Runtime:
     settings: Settings
     session_factory: sessionmaker[Session]
     hypervisors: HypervisorPool
-    runner_id: str = field(default_factory=runners.this_runner)
+    runner_id: str = field(default_factory=this_runner)
     active: ActiveJobs = field(default_factory=ActiveJobs)
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=64, thread_name_prefix="guest-op")
@@ -80,6 +61,9 @@ class EngineContext:
     outbox: Outbox = field(init=False)
     notices: GuestNotices = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
+    _guardians: set[HeldGuardian] = field(default_factory=set)
+    _guardians_lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False
 
     def __post_init__(self) -> None:
         self.outbox = Outbox(self.session_factory, self.settings.database.journal_path)
@@ -87,7 +71,52 @@ class EngineContext:
             self.settings.metadata, self.settings.maintenance.agent_timeout_seconds
         )
 
+    def fan_out(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """Run fn on every item at once on the guest-op pool; results in input order."""
+        futures = [self.pool.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
+
+    # --- guardians: released when their guests are settled, handed over when we stop ---------
+
+    def hold_guardian(self, held: HeldGuardian) -> None:
+        with self._guardians_lock:
+            self._guardians.add(held)
+
+    def release_guardian(self, held: HeldGuardian) -> None:
+        """Every guest of it is settled: the guardian may go."""
+        with self._guardians_lock:
+            self._guardians.discard(held)
+        held.link.done()
+
+    def _hand_over_guardians(self) -> None:
+        """Stopping with guests not confirmed running: each guardian takes its guests over now
+        (it resumes them once libvirt answers, with this process gone), and the job says so."""
+        with self._guardians_lock:
+            held, self._guardians = list(self._guardians), set()
+        for h in held:
+            names = ", ".join(h.guests)
+            log.warning(
+                "stopping with guest(s) %s on %s not confirmed running: handed to its guardian",
+                names,
+                h.host,
+            )
+            self.outbox.submit(
+                AddEvent(
+                    "guardian_handover",
+                    f"the controller stops before {names} on {h.host} were confirmed running: "
+                    "their guardian resumes them",
+                    utcnow(),
+                    h.job_id,
+                    h.host,
+                    details={"guests": h.guests},
+                )
+            )
+            h.link.hand_over()
+
     def close(self) -> None:
+        if self._closed:
+            return  # closed already (a service and its test both close it)
+        self._closed = True
         self.stopping.set()
         left = self.resumer.close(wait=10.0)
         if left:
@@ -97,6 +126,7 @@ class EngineContext:
                 len(left),
                 ", ".join(t.name for t in left),
             )
+        self._hand_over_guardians()
         unwritten = self.outbox.close()
         if unwritten:
             log.warning("stopping with %d record batch(es) in the journal", unwritten)
@@ -148,3 +178,8 @@ class HostRef:
     # The host's ssh section (address, user, port, key_file, known_hosts, local_uri), if any: the
     # guardian then runs on the host itself, reached over SSH.
     ssh: dict[str, Any] | None = None
+
+    @property
+    def site(self) -> Site:
+        """Where this host's runbook steps run."""
+        return Site.of(self.patch_via, self.ssh)

@@ -6,8 +6,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from controller.decisions.guests import GuestInfo, GuestState
 from controller.errors import AdmissionRefused
-from controller.hosts.hypervisor import GuestInfo, GuestState
 
 
 class BusyGuestPolicy(StrEnum):

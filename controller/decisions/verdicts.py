@@ -7,15 +7,26 @@ comes back as data (BudgetExceeded) for the caller to record as the budget_excee
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from controller.cycle.resumption import ResumeTask
 from controller.decisions.rollout import RolloutPolicy
+from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
 from controller.decisions.states import ItemState, JobState
 from controller.errors import MaintctlError
-from controller.hosts.clock import ClockSync
-from controller.hosts.runbooks import RunbookOutcome, RunbookResult
+
+
+@dataclass(frozen=True)
+class GuestOutcome:
+    """One paused guest after its resume, as the cycle measured it."""
+
+    name: str
+    uuid: str
+    settled: bool  # libvirt confirmed how it is (running, left alone, gone)
+    running: bool = False
+    note: str = ""  # why it is not running, when it is not
+    pause_ms: float | None = None
+    clock_warning: str | None = None  # the clock sync's outcome, when it is a warning
 
 
 @dataclass
@@ -61,43 +72,36 @@ _RUNBOOK_REASONS = {
 }
 
 
-def over_budget(
-    tasks: Sequence[ResumeTask], pause_ms: Mapping[str, float], budget: float
-) -> BudgetExceeded | None:
+def over_budget(guests: Sequence[GuestOutcome], budget: float) -> BudgetExceeded | None:
     """Which guests were paused longer than `budget` seconds, or are not settled at all."""
     limit_ms = budget * 1000
     over = []
-    for t in tasks:
-        if t.settled is None:
-            over.append(f"{t.name} still paused at the {budget:g} s budget")
-        elif pause_ms.get(t.uuid, 0.0) > limit_ms:
-            over.append(
-                f"{t.name} paused {pause_ms[t.uuid] / 1000:.1f} s against a {budget:g} s budget"
-            )
+    for g in guests:
+        if not g.settled:
+            over.append(f"{g.name} still paused at the {budget:g} s budget")
+        elif g.pause_ms is not None and g.pause_ms > limit_ms:
+            over.append(f"{g.name} paused {g.pause_ms / 1000:.1f} s against a {budget:g} s budget")
     if not over:
         return None
-    guests = [t.name for t in tasks if t.settled is None] + [
-        t.name for t in tasks if pause_ms.get(t.uuid, 0.0) > limit_ms
-    ]
-    return BudgetExceeded(over, guests)
+    names = [g.name for g in guests if not g.settled]
+    names += [g.name for g in guests if g.settled and (g.pause_ms or 0.0) > limit_ms]
+    return BudgetExceeded(over, names)
 
 
 def host_verdict(
     *,
     runbook: str,
     rb: RunbookResult | None,
-    tasks: Sequence[ResumeTask],
+    guests: Sequence[GuestOutcome],
     exceeded: BudgetExceeded | None,
 ) -> HostResult:
     """The host's outcome: the budget first, then guests left paused, then the runbook's."""
-    flagged = [t for t in tasks if t.settled is not None and not t.settled.running]
-    syncs = [t for t in tasks if isinstance(t.result, ClockSync)]
-    warnings = [f"{t.name}: clock {t.result.outcome.value}" for t in syncs if t.result.is_warning]
+    warnings = [f"{g.name}: clock {g.clock_warning}" for g in guests if g.clock_warning]
     if exceeded is not None:
         return HostResult("budget_exceeded", exceeded.message, warnings)
+    flagged = [g for g in guests if g.settled and not g.running]
     if flagged:
-        assert all(t.settled is not None for t in flagged)
-        names = ", ".join(f"{t.name} ({t.settled.note})" for t in flagged if t.settled)
+        names = ", ".join(f"{g.name} ({g.note})" for g in flagged)
         return HostResult(
             "guest_not_resumed", f"guests not running after resume: {names}", warnings
         )

@@ -1,17 +1,28 @@
-"""The guardian: a dead man's switch for one host's paused guests.
+"""The guardian: a dead man's switch for one host's paused guests. One file, stdlib and libvirt.
 
-The engine starts one guardian process per host cycle before it pauses anything and talks to it
-over a pipe. If the controller dies (the pipe closes without "done"), or the hard pause budget
-passes while the controller is stuck, the guardian TERMs the runbook's process group, resumes every
-watched guest that is still paused by the API, and KILLs the runbook after the grace period.
-Resuming uses the engine's own loop (resumption.py): it reconnects and retries until libvirt
-confirms each guest runs, so a libvirtd restarted meanwhile only delays it. After the controller
-is gone the guardian stays until every watched guest is settled.
-The guardian writes nothing to the database: the next reconciliation records what happened.
+It runs where the guests are, with only Python's standard library and libvirt, so the same file
+serves both cases: beside the controller for a host it reaches directly (started by
+controller/hosts/guardian_link.py, in a systemd scope of its own where there is systemd), and ON a
+remote host for a host reached over SSH (copied there and started by controller/hosts/ssh.py).
+It talks to the host's own libvirtd (--uri). This file must not import anything of maintctl.
 
-Protocol, one line each on stdin: "watch <uuid>", "arm <epoch deadline>", "runbook <pgid>", "done".
-On stdout, after "ready": "resumed <uuid> <epoch>" for each guest the guardian itself resumed, so
-a controller that was only stuck (not dead) records the real resume time, not when it looked.
+It is also where two rules live once for the whole controller: which pauses are ours to resume
+(`ours`), and the loop that resumes a guest until libvirt says how it is (`settle`). The
+controller's resumer and reconciliation use them through its own Hypervisor; the guardian
+through its own small libvirt adapter.
+
+Protocol, one line each on stdin: "watch <uuid>", "arm <epoch deadline>", "runbook <pgid>",
+"done". On stdout, after "ready": "resumed <uuid> <epoch>" for each guest the guardian itself
+resumed, so a controller that was only stuck (not dead) records the real resume time.
+
+A rescue starts when the armed deadline passes (the controller may be alive but stuck or cut
+off) or when stdin ends without "done" (the controller died, stopped, or closed its session). It
+TERMs the runbook's process group, resumes every watched guest still paused by the API (reason
+user or unknown; anything else is left alone), retrying and reconnecting until libvirt confirms
+it runs, and KILLs the runbook's group after the grace period. "done" means the controller saw
+every watched guest settled; the guardian still reads each one's state once before it leaves and
+goes on resuming any that is paused by the API. It leaves only when every watched guest runs, is
+shut off, gone, or paused for a reason that is not ours: never on SIGTERM, SIGHUP or SIGINT.
 """
 
 from __future__ import annotations
@@ -21,117 +32,383 @@ import contextlib
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Protocol
+from enum import Enum
+from typing import Any, Protocol, TypeVar
 
-from controller.cycle.resumption import resume_until_settled
-from controller.errors import HypervisorError
-from controller.hosts.hypervisor import Hypervisor
+import libvirt
 
 READY = "ready"
 START_TIMEOUT_SECONDS = 15.0
+RETRY_FIRST_SECONDS = 0.05
+# The longest wait between two attempts: a guest runs at most this long after libvirtd is back.
+RETRY_CAP_SECONDS = 0.5
+T = TypeVar("T")
 
+# libvirt's pause reasons (the names of its VIR_DOMAIN_PAUSED_* constants, lower case) that mean
+# "paused through the API", as maintctl pauses ("unknown" when libvirt lost track, e.g. across a
+# daemon restart). Any other reason (ioerror, watchdog, migration, save, snapshot, ...) is not
+# ours: such a guest is flagged and left alone.
+OUR_PAUSE_REASONS = frozenset({"user", "unknown"})
+
+
+def ours(state: str, reason: str) -> bool:
+    """Whether a guest in this state is paused as maintctl pauses, so ours to resume."""
+    return state == "paused" and reason in OUR_PAUSE_REASONS
+
+
+# --- resuming until settled: the one loop ----------------------------------------------------
+
+
+class SettleKind(str, Enum):  # noqa: UP042 (the host's python3 may predate StrEnum)
+    RUNNING = "running"  # confirmed running
+    LEFT_ALONE = "left_alone"  # paused for a reason not ours, or shut off: flagged, not touched
+    GONE = "gone"  # the guest no longer exists
+    FENCED = "fenced"  # no longer ours: another owner took the work over; not touched
+
+
+@dataclass(frozen=True)
+class Settled:
+    kind: SettleKind
+    mono: float  # time.monotonic() at the confirmation
+    wall: datetime  # the same moment in UTC
+    we_resumed: bool = False  # libvirt answered our own resume call
+    note: str = ""
+    attempts: int = 1
+
+    @property
+    def running(self) -> bool:
+        return self.kind is SettleKind.RUNNING
+
+
+def _settled(kind: SettleKind, **kw: Any) -> Settled:
+    return Settled(kind, time.monotonic(), datetime.now(UTC), **kw)
+
+
+class Resumable(Protocol):
+    """What settle() needs of a host: two calls, each bounded in time."""
+
+    def resume(self, uuid: str) -> bool:
+        """Resume if paused as we pause; False (and nothing done) otherwise."""
+
+    def state(self, uuid: str) -> tuple[str, str]:
+        """(state, reason) as names: ("paused", "user"), ("running", "unpaused"), ..."""
+
+
+def _confirmed(host: Resumable, uuid: str, attempts: int) -> Settled:
+    """libvirt answered our resume; check that the guest did not pause again by itself."""
+    resumed = _settled(SettleKind.RUNNING, we_resumed=True, note="resumed", attempts=attempts)
+    try:
+        state, reason = host.state(uuid)
+    except Exception:
+        return resumed  # libvirt's answer to the resume is the confirmation
+    if state == "paused" and reason not in OUR_PAUSE_REASONS:
+        # Paused again on its own (an I/O error): flagged; never resumed in a loop.
+        return Settled(
+            SettleKind.LEFT_ALONE,
+            resumed.mono,
+            resumed.wall,
+            we_resumed=True,
+            note=f"paused again by itself: {state} ({reason})",
+            attempts=attempts,
+        )
+    return resumed
+
+
+def settle(
+    host: Resumable,
+    uuid: str,
+    *,
+    stop: threading.Event,
+    gone: Callable[[BaseException], bool],
+    on_failure: Callable[[str], None] | None = None,
+    fence: Callable[[], bool] | None = None,
+    first_delay: float = RETRY_FIRST_SECONDS,
+    max_delay: float = RETRY_CAP_SECONDS,
+) -> Settled | None:
+    """Resume until libvirt says how the guest is, retrying with backoff for as long as it
+    takes; None once `stop` is set.
+
+    A failed call is never an answer: libvirtd may be restarting under a host patch. The loop
+    settles only on what libvirt confirms: the guest runs, it is paused for a reason that is not
+    ours or shut off (left alone), or it no longer exists (`gone(error)`). `fence()` true means
+    the guest is no longer ours to touch: the loop ends at once without another call.
+    """
+    delay, attempts = first_delay, 0
+    while not stop.is_set():
+        if fence is not None and fence():
+            return _settled(
+                SettleKind.FENCED, note="taken over by another owner", attempts=attempts
+            )
+        attempts += 1
+        try:
+            if host.resume(uuid):
+                return _confirmed(host, uuid, attempts)
+            state, reason = host.state(uuid)
+        except Exception as exc:
+            if gone(exc):
+                return _settled(
+                    SettleKind.GONE, note="the guest no longer exists", attempts=attempts
+                )
+            # Host unreachable, call abandoned, daemon restarting: none of these is an answer.
+            if on_failure is not None:
+                on_failure(str(exc) or type(exc).__name__)
+            stop.wait(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        if state == "running":
+            note = "found running (resumed by another hand, or by an earlier call)"
+            return _settled(SettleKind.RUNNING, note=note, attempts=attempts)
+        if ours(state, reason):
+            stop.wait(delay)  # paused again between our read and our call: ours, try again
+            delay = min(delay * 2, max_delay)
+            continue
+        return _settled(SettleKind.LEFT_ALONE, note=f"{state} ({reason})", attempts=attempts)
+    return None
+
+
+# --- the guardian's own libvirt ----------------------------------------------------------------
+
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def constant_names(prefix: str) -> dict[int, str]:
+    return {
+        getattr(libvirt, n): n.removeprefix(prefix).lower()
+        for n in dir(libvirt)
+        if n.startswith(prefix) and not n.endswith("_LAST")
+    }
+
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+}
+_REASON_NAMES = {
+    "running": constant_names("VIR_DOMAIN_RUNNING_"),
+    "paused": constant_names("VIR_DOMAIN_PAUSED_"),
+    "shutoff": constant_names("VIR_DOMAIN_SHUTOFF_"),
+}
+
+
+def state_names(state: int, reason: int) -> tuple[str, str]:
+    """libvirt's numeric state and reason as the names ours() and settle() speak."""
+    name = _STATE_NAMES.get(state, "other")
+    return name, _REASON_NAMES.get(name, {}).get(reason, str(reason))
+
+
+def no_such_guest(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, libvirt.libvirtError) and exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    )
+
+
+class CallTimedOut(Exception):
+    pass
+
+
+class Libvirt:
+    """One connection, opened lazily and opened again after any failure; every call bounded."""
+
+    def __init__(self, uri: str, call_timeout: float) -> None:
+        self.uri = uri
+        self.call_timeout = call_timeout
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[[Any], T]) -> T:
+        """fn(connection) on a thread of its own: a hung libvirtd or QEMU costs one abandoned
+        thread, never the rescue. Any failure drops the connection, so the next call reconnects."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn(self._connection())
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        if not done.wait(self.call_timeout):
+            self._drop()
+            raise CallTimedOut(f"no answer from {self.uri} in {self.call_timeout} s")
+        if "error" in box:
+            if not no_such_guest(box["error"]):
+                self._drop()
+            raise box["error"]
+        value: T = box["value"]
+        return value
+
+    def _connection(self) -> Any:
+        # Opened outside the lock: an open that hangs must not block the next attempt's _drop().
+        with self._lock:
+            conn = self._conn
+        if conn is None:
+            conn = libvirt.open(self.uri)
+            with self._lock:
+                self._conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        # Forgotten, not closed: a call may still be inside it on another thread, and closing a
+        # connection under a call in flight is not safe. It closes once its last user lets go.
+        with self._lock:
+            self._conn = None
+
+    def state(self, uuid: str) -> tuple[str, str]:
+        state, reason = self.call(lambda c: c.lookupByUUIDString(uuid).state())
+        return state_names(int(state), int(reason))
+
+    def resume(self, uuid: str) -> bool:
+        def run(conn: Any) -> bool:
+            dom = conn.lookupByUUIDString(uuid)
+            if not ours(*state_names(*dom.state())):
+                return False
+            try:
+                dom.resume()
+            except libvirt.libvirtError:
+                if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                    return False  # resumed meanwhile by another hand (the controller came back)
+                raise
+            return True
+
+        return self.call(run)
+
+
+# --- the switch -------------------------------------------------------------------------------
 
 _stdout_lock = threading.Lock()
 
 
-def _log(message: str) -> None:
-    print(f"maintctl-guardian[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+def log(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(f"maintctl-guardian[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
-def _report(line: str) -> None:
+def report(line: str) -> None:
     with _stdout_lock, contextlib.suppress(OSError, ValueError):
-        print(line, flush=True)  # nobody may be listening any more: that is fine
+        print(line, flush=True)  # the controller may be gone or cut off: that is fine
 
 
 class Rescue:
     """Resume the watched guests on threads of their own, so stdin is still read meanwhile."""
 
-    def __init__(self, hv: Hypervisor, watched: list[str], pgid: int | None, grace: float) -> None:
+    def __init__(self, lv: Libvirt, watched: list[str], pgid: int | None, grace: float) -> None:
         self.stop = threading.Event()
+        self._lv, self._pgid, self._grace = lv, pgid, grace
         self._threads = [
-            threading.Thread(target=self._resume, args=(hv, uuid), daemon=True) for uuid in watched
+            threading.Thread(target=self._resume, args=(uuid,), daemon=True) for uuid in watched
         ]
-        self._pgid, self._grace = pgid, grace
 
     def start(self, why: str) -> Rescue:
-        _log(f"rescuing {len(self._threads)} guest(s): {why}")
-        if self._pgid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._pgid, signal.SIGTERM)
+        log(f"rescuing {len(self._threads)} guest(s): {why}")
+        self._signal(signal.SIGTERM)
         for thread in self._threads:
             thread.start()
         if self._pgid is not None:
             threading.Thread(target=self._kill_runbook, daemon=True).start()
         return self
 
+    def _signal(self, sig: int) -> None:
+        if self._pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._pgid, sig)
+
     def _kill_runbook(self) -> None:
         time.sleep(self._grace)
-        assert self._pgid is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._pgid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
 
-    def _resume(self, hv: Hypervisor, uuid: str) -> None:
-        failures: list[str] = []
+    def _resume(self, uuid: str) -> None:
+        failures = 0
 
         def note(error: str) -> None:
-            failures.append(error)
-            if len(failures) in (1, 10) or len(failures) % 100 == 0:
-                _log(f"{uuid}: not resumed yet (attempt {len(failures)}): {error}")
+            nonlocal failures
+            failures += 1
+            if failures in (1, 10) or failures % 100 == 0:
+                log(f"{uuid}: not resumed yet (attempt {failures}): {error}")
 
-        settled = resume_until_settled(hv, uuid, stop=self.stop, on_failure=note)
-        if settled is not None:
-            _log(f"{uuid}: {settled.kind.value}: {settled.note}")
-            if settled.running and settled.we_resumed:
-                _report(f"resumed {uuid} {settled.wall.timestamp():.6f}")
+        settled = settle(self._lv, uuid, stop=self.stop, gone=no_such_guest, on_failure=note)
+        if settled is None:
+            return
+        log(f"{uuid}: {settled.kind.value}: {settled.note} (attempt {settled.attempts})")
+        if settled.running and settled.we_resumed:
+            report(f"resumed {uuid} {settled.wall.timestamp():.6f}")
 
     def wait(self) -> None:
         for thread in self._threads:
             thread.join()
         time.sleep(self._grace if self._pgid is not None else 0)
 
+    def finish(self) -> None:
+        """Stop: attempts in flight end (bounded by a call's timeout), so a guest this guardian
+        has just resumed is still reported."""
+        self.stop.set()
+        until = time.monotonic() + self._lv.call_timeout + 1
+        for thread in self._threads:
+            thread.join(max(0.0, until - time.monotonic()))
 
-def serve(hv: Hypervisor, stdin: IO[str], grace: float) -> int:
+
+def serve(lv: Libvirt, fd: int, grace: float) -> int:
     watched: list[str] = []
     deadline: float | None = None
     pgid: int | None = None
     rescue: Rescue | None = None
-    fd = stdin.fileno()
     buffer = b""
     while True:
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            rescue = Rescue(hv, watched, pgid, grace).start("the hard pause budget passed")
+            rescue = Rescue(lv, watched, pgid, grace).start("the hard pause budget passed")
             deadline = None
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
             if rescue is None:
-                rescue = Rescue(hv, watched, pgid, grace).start("the controller went away")
+                rescue = Rescue(lv, watched, pgid, grace).start("the controller went away")
             else:
-                _log("the controller went away; the rescue goes on")
+                log("the controller went away; the rescue goes on")
             rescue.wait()
             return 1
         buffer += chunk
-        *lines, rest = buffer.split(b"\n")
-        buffer = rest
+        *lines, buffer = buffer.split(b"\n")
         for raw in lines:
-            verb, _, arg = raw.decode().strip().partition(" ")
+            verb, _, arg = raw.decode(errors="replace").strip().partition(" ")
             if verb == "watch":
                 watched.append(arg)
             elif verb == "arm":
                 deadline = float(arg)
-            elif verb == "runbook":
-                pgid = int(arg)
+            elif verb == "runbook" and arg.isdigit() and int(arg) > 1:
+                pgid = int(arg)  # never 0 or 1: killpg would reach this guardian or everything
             elif verb == "done":
-                if rescue is not None:
-                    rescue.stop.set()
-                return 0
+                return _leave(lv, watched, rescue, grace)
+
+
+def _leave(lv: Libvirt, watched: list[str], rescue: Rescue | None, grace: float) -> int:
+    """The controller saw every guest settled: check each once, and resume any still paused by
+    the API (the controller may be wrong, or an answer may have been lost) before leaving."""
+    if rescue is not None:
+        rescue.finish()
+    left = []
+    for uuid in watched:
+        try:
+            if not ours(*lv.state(uuid)):
+                continue
+        except Exception as exc:
+            if no_such_guest(exc):
+                continue
+        left.append(uuid)  # paused by the API, or its state unknown: not confirmed
+    if not left:
+        return 0
+    Rescue(lv, left, None, grace).start("told done, but not confirmed running").wait()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,113 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=1.0)
     parser.add_argument("--call-timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
-    # A terminal's Ctrl-C or the service's SIGTERM must not kill the switch before it can act.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from controller.hosts.libvirt_host import LibvirtHost
-
-    hv = LibvirtHost(args.uri, call_timeout=args.call_timeout)
+    # Neither a Ctrl-C, a stop nor the hangup of a closing SSH session may end the switch.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    lv = Libvirt(args.uri, args.call_timeout)
     try:
-        hv.ping()
-    except HypervisorError as exc:
-        _log(f"cannot reach {args.uri}: {exc}")
+        lv.call(lambda c: c.getLibVersion())
+    except Exception as exc:
+        log(f"cannot reach {args.uri}: {exc}")
         return 2
-    print(READY, flush=True)
-    return serve(hv, sys.stdin, args.grace)
-
-
-class GuardianHandle(Protocol):
-    """A guardian as the engine drives it: Guardian here, remote.RemoteGuardian on an SSH host.
-    runbook() takes a process group of the machine the guardian runs on."""
-
-    def watch(self, uuids: list[str]) -> None: ...
-    def arm(self, deadline_epoch: float) -> None: ...
-    def runbook(self, pgid: int) -> None: ...
-    def done(self) -> None: ...
-    def resumed_at(self, uuid: str) -> datetime | None: ...
-
-
-class Guardian:
-    """The engine's handle on a guardian process."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self._proc = proc
-        self._resumed: dict[str, datetime] = {}
-        self._reader = threading.Thread(target=self._read, name="guardian-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self._proc.stdout is not None
-        with contextlib.suppress(OSError, ValueError):
-            for line in self._proc.stdout:
-                verb, _, rest = line.strip().partition(" ")
-                uuid, _, epoch = rest.partition(" ")
-                if verb == "resumed":
-                    self._resumed[uuid] = datetime.fromtimestamp(float(epoch), UTC)
-
-    def resumed_at(self, uuid: str) -> datetime | None:
-        """When the guardian itself resumed this guest, if it did."""
-        return self._resumed.get(uuid)
-
-    @classmethod
-    def start(cls, uri: str, grace: float, *, call_timeout: float = 5.0) -> Guardian:
-        argv = [
-            sys.executable,
-            "-m",
-            "controller.hosts.guardian",
-            "--uri",
-            uri,
-            "--grace",
-            str(grace),
-        ]
-        proc = subprocess.Popen(
-            [*argv, "--call-timeout", str(call_timeout)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # it must outlive us and our process group
-        )
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_SECONDS)
-        line = proc.stdout.readline().strip() if ready else ""
-        if line != READY:
-            proc.kill()
-            proc.wait()
-            raise HypervisorError(f"the guardian for {uri} did not start (got {line!r})")
-        return cls(proc)
-
-    def _send(self, line: str) -> None:
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(line + "\n")
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            _log(f"guardian {self._proc.pid} is gone; the engine's own watchdog still applies")
-
-    def watch(self, uuids: list[str]) -> None:
-        for uuid in uuids:
-            self._send(f"watch {uuid}")
-
-    def arm(self, deadline_epoch: float) -> None:
-        self._send(f"arm {deadline_epoch:.6f}")
-
-    def runbook(self, pgid: int) -> None:
-        self._send(f"runbook {pgid}")
-
-    def done(self) -> None:
-        if self._proc.stdin is None or self._proc.stdin.closed:
-            return  # already told
-        self._send("done")
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        finally:
-            if self._proc.stdin is not None:
-                with contextlib.suppress(BrokenPipeError):
-                    self._proc.stdin.close()
-            self._reader.join(timeout=1)  # ends at the guardian's EOF
+    report(READY)
+    return serve(lv, sys.stdin.fileno(), args.grace)
 
 
 if __name__ == "__main__":

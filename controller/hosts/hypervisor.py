@@ -10,8 +10,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
+
+from controller.decisions.guests import GuestInfo, GuestState
 
 # The maintctl XML namespace for per-domain settings kept in libvirt domain metadata, e.g.
 # <maintctl:maintenance xmlns:maintctl="https://maintctl.dev/xmlns/1" optout="yes"/>, or
@@ -19,35 +20,6 @@ from typing import Protocol
 # can bound how many of them are paused at once (max_paused_per_availability_set).
 METADATA_NAMESPACE = "https://maintctl.dev/xmlns/1"
 METADATA_KEY = "maintctl"
-# libvirt's pause reasons that mean "paused through the API", as maintctl pauses ("unknown" when
-# libvirt lost track, e.g. across a daemon restart). Any other reason (ioerror, watchdog,
-# migration, save, snapshot, ...) is not ours: such a guest is flagged and left alone.
-OUR_PAUSE_REASONS = frozenset({"user", "unknown"})
-
-
-class GuestState(StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTOFF = "shutoff"
-    OTHER = "other"
-
-
-@dataclass(frozen=True)
-class GuestInfo:
-    uuid: str
-    name: str
-    state: GuestState
-    # libvirt's reason for the state, e.g. "user" or "ioerror" for paused.
-    reason: str
-    # The type of an active libvirt job (backup, migration, ...), or None.
-    active_job: str | None = None
-    opted_out: bool = False
-    availability_set: str | None = None
-
-    @property
-    def paused_by_user(self) -> bool:
-        """Paused through the API (virDomainSuspend), as we pause; not by an I/O error."""
-        return self.state is GuestState.PAUSED and self.reason in OUR_PAUSE_REASONS
 
 
 @dataclass(frozen=True)
@@ -79,7 +51,7 @@ class Hypervisor(Protocol):
         """Pause with RAM resident; False (and nothing done) if the guest was not running."""
 
     def resume(self, uuid: str) -> bool:
-        """Resume; False (and nothing done) unless it was paused for one of OUR_PAUSE_REASONS."""
+        """Resume; False (and nothing done) unless it was paused as we pause (guardian.ours)."""
 
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         """Bound every later agent call (libvirt waits forever by default)."""

@@ -19,6 +19,7 @@ from xml.etree import ElementTree
 import libvirt
 from libvirt_qemu import qemuAgentCommand
 
+from controller.decisions.guests import GuestInfo, GuestState
 from controller.errors import (
     AgentUnavailable,
     GuestNotFound,
@@ -27,7 +28,8 @@ from controller.errors import (
     Unsupported,
 )
 from controller.hosts.deadlines import SerialCalls, call_with_deadline
-from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestExec, GuestInfo, GuestState
+from controller.hosts.guardian import constant_names, ours, state_names
+from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestExec
 
 T = TypeVar("T")
 
@@ -35,28 +37,7 @@ T = TypeVar("T")
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
-def _constant_names(prefix: str) -> dict[int, str]:
-    return {
-        getattr(libvirt, n): n.removeprefix(prefix).lower()
-        for n in dir(libvirt)
-        if n.startswith(prefix) and not n.endswith("_LAST")
-    }
-
-
-_PAUSED_REASONS = _constant_names("VIR_DOMAIN_PAUSED_")
-_RUNNING_REASONS = _constant_names("VIR_DOMAIN_RUNNING_")
-_SHUTOFF_REASONS = _constant_names("VIR_DOMAIN_SHUTOFF_")
-_JOB_TYPES = _constant_names("VIR_DOMAIN_JOB_")
-_STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: GuestState.RUNNING,
-    libvirt.VIR_DOMAIN_PAUSED: GuestState.PAUSED,
-    libvirt.VIR_DOMAIN_SHUTOFF: GuestState.SHUTOFF,
-}
-_REASONS = {
-    GuestState.RUNNING: _RUNNING_REASONS,
-    GuestState.PAUSED: _PAUSED_REASONS,
-    GuestState.SHUTOFF: _SHUTOFF_REASONS,
-}
+_JOB_TYPES = constant_names("VIR_DOMAIN_JOB_")
 _UNSUPPORTED = {
     libvirt.VIR_ERR_NO_SUPPORT,
     libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
@@ -64,9 +45,6 @@ _UNSUPPORTED = {
 }
 _AGENT_DOWN = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_TIMEOUT}
 _HOST_DOWN = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
-# A guest paused through the API (as we pause) or whose reason libvirt lost is ours to resume;
-# an I/O error, a watchdog, a migration, a save or a snapshot is not.
-_OUR_PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER, libvirt.VIR_DOMAIN_PAUSED_UNKNOWN}
 _CONTROL_BUSY = {
     libvirt.VIR_DOMAIN_CONTROL_OCCUPIED: "monitor_busy",
     libvirt.VIR_DOMAIN_CONTROL_ERROR: "control_error",
@@ -254,9 +232,8 @@ class LibvirtHost:
 
     @staticmethod
     def _state_of(dom: libvirt.virDomain) -> tuple[GuestState, str]:
-        code, reason_code = dom.state()
-        state = _STATES.get(code, GuestState.OTHER)
-        return state, _REASONS.get(state, {}).get(reason_code, str(reason_code))
+        state, reason = state_names(*dom.state())
+        return GuestState(state), reason
 
     def _info(self, dom: libvirt.virDomain) -> GuestInfo:
         with _libvirt_errors(f"inspect guest on {self.uri}"):
@@ -318,9 +295,9 @@ class LibvirtHost:
 
     def resume(self, uuid: str) -> bool:
         def _resume(dom: libvirt.virDomain) -> bool:
-            state, reason = dom.state()
-            if state != libvirt.VIR_DOMAIN_PAUSED or reason not in _OUR_PAUSE_REASONS:
-                return False
+            state, reason = self._state_of(dom)
+            if not ours(state, reason):
+                return False  # not paused, or paused for a reason that is not ours
             try:
                 dom.resume()
             except libvirt.libvirtError as exc:

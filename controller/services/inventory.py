@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.decisions.guests import GuestInfo
 from controller.decisions.states import ACTIVE, PENDING
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
-from controller.hosts.hypervisor import GuestInfo, HypervisorPool
+from controller.hosts.hypervisor import HypervisorPool
 from controller.settings import HostConfig, Settings
 from controller.store.events import record_event
-from controller.store.models import Guest, Host, Job, utcnow
+from controller.store.models import Host, Job
 
 
 def sync_config_hosts(session: Session, settings: Settings) -> None:
@@ -48,34 +48,6 @@ def _config_columns(cfg: HostConfig) -> dict[str, Any]:
         "labels": dict(cfg.labels),
         "source": "config",
     }
-
-
-def record_guest_states(session: Session, host_name: str, guests: Iterable[GuestInfo]) -> None:
-    """Refresh the cached guest list of a host from a fresh libvirt listing."""
-    host = session.scalars(select(Host).where(Host.name == host_name)).one_or_none()
-    if host is None:
-        return
-    known = {g.uuid: g for g in session.scalars(select(Guest).where(Guest.host_id == host.id))}
-    seen = set()
-    now = utcnow()
-    for info in guests:
-        seen.add(info.uuid)
-        row = known.get(info.uuid)
-        if row is None:
-            session.add(
-                Guest(
-                    host_id=host.id,
-                    uuid=info.uuid,
-                    name=info.name,
-                    last_state=info.state.value,
-                    last_seen_at=now,
-                )
-            )
-        else:
-            row.name, row.last_state, row.last_seen_at = info.name, info.state.value, now
-    gone = [uuid for uuid in known if uuid not in seen]
-    if gone:
-        session.execute(delete(Guest).where(Guest.host_id == host.id, Guest.uuid.in_(gone)))
 
 
 def list_hosts(session: Session) -> list[Host]:

@@ -27,14 +27,13 @@ from controller.decisions.rollout import (
 from controller.decisions.states import JobState, is_terminal
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
-from controller.hosts.runbooks import build_argv
 from controller.services import idempotency
 from controller.services.paging import Page, newest_first
-from controller.services.windows import declared_windows, find_window, predicted_steps
 from controller.settings import Settings
 from controller.store.events import record_event
 from controller.store.models import Event, Host, Job, JobGuest, JobHost, utcnow
-from controller.work.lifecycle import create_items
+from controller.work.holds import declared_windows, find_window, predicted_steps
+from controller.work.items import create_items
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def validate(
     if runbook is None:
         declared = ", ".join(sorted(settings.runbooks)) or "none"
         raise InvalidRequest(f"runbook: unknown runbook {req.runbook!r} (declared: {declared})")
-    build_argv(req.runbook, runbook, req.params)
+    runbook.argv_for(req.runbook, req.params)
     m = settings.maintenance
     budget = (
         m.pause_budget_seconds if req.pause_budget_seconds is None else req.pause_budget_seconds
@@ -337,7 +336,7 @@ def plan(
         )
     runbook = settings.runbooks[req.runbook]
     medians = predicted_steps(session, req.runbook, runbook, [h.name for h in hosts])
-    argvs = {"prepare": runbook.prepare, "apply": build_argv(req.runbook, runbook, req.params)}
+    argvs = {"prepare": runbook.prepare, "apply": runbook.argv_for(req.runbook, req.params)}
     argvs["verify"] = runbook.verify
     timeouts = {
         "prepare": runbook.prepare_timeout_seconds,

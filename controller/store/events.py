@@ -12,6 +12,30 @@ from controller.store.models import Event, utcnow
 MAX_MESSAGE = 4000
 
 
+def event_row(
+    kind: str,
+    message: str,
+    *,
+    job_id: int | None,
+    host: str | None,
+    guest: str | None,
+    actor: str,
+    at: datetime | None,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    """An event as the columns of its row: the one mapping, for record_event() and the outbox."""
+    return {
+        "at": at or utcnow(),
+        "kind": kind,
+        "job_id": job_id,
+        "host": host,
+        "guest": guest,
+        "actor": actor,
+        "message": message[:MAX_MESSAGE],
+        "details": details,
+    }
+
+
 def record_event(
     session: Session,
     kind: str,
@@ -29,14 +53,16 @@ def record_event(
     `at` is when it happened, if that was earlier than now (an event written from the outbox).
     """
     event = Event(
-        at=at or utcnow(),
-        kind=kind,
-        job_id=job_id,
-        host=host,
-        guest=guest,
-        actor=actor,
-        message=message[:MAX_MESSAGE],
-        details=details,
+        **event_row(
+            kind,
+            message,
+            job_id=job_id,
+            host=host,
+            guest=guest,
+            actor=actor,
+            at=at,
+            details=details,
+        )
     )
     session.add(event)
     return event

@@ -122,9 +122,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     abort_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Which controller process runs the job, and when it last said so (crash detection).
+    # Which controller process runs the job, and until when it holds it (work/ownership.py): the
+    # same lease its items have, renewed with them.
     runner_id: Mapped[str | None] = mapped_column(String(128), default=None)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     # The maintenance window (settings.windows) the job may start in, if any.
     window: Mapped[str | None] = mapped_column(String(63), default=None)
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.services.tokens import Role, create_token
@@ -24,7 +24,7 @@ from tests.conftest import TEST_URI, make_settings, start_test_domains, with_dat
 class Api:
     client: TestClient
     tokens: dict[str, str]
-    ctx: EngineContext
+    ctx: Runtime
 
     def auth(self, role: str | None) -> dict[str, str]:
         return {} if role is None else {"Authorization": f"Bearer {self.tokens[role]}"}
@@ -63,7 +63,7 @@ def open_api(db_url: str, test_driver, **server) -> Iterator[Api]:
     if server:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update=server)})
     upgrade(db_url)
-    ctx = EngineContext(
+    ctx = Runtime(
         settings=settings,
         session_factory=make_session_factory(make_engine(db_url)),
         hypervisors=HypervisorPool(LibvirtHost),

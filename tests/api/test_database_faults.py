@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from api.app import create_app
 from api.deps import requires
 from api.routes.health import MIN_FREE_BYTES
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.errors import DatabaseUnavailable
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
@@ -70,7 +70,7 @@ def test_sqlite_database_gone_is_503_with_retry_after(tmp_path, test_driver, aut
 def test_postgresql_refusing_connections_is_503():
     url = "postgresql+psycopg://maintctl:maintctl@127.0.0.1:1/maintctl"  # nothing listens there
     settings = with_database(make_settings([]), url)
-    ctx = EngineContext(
+    ctx = Runtime(
         settings=settings,
         session_factory=make_session_factory(make_engine(url)),
         hypervisors=HypervisorPool(LibvirtHost),
@@ -116,7 +116,7 @@ def test_read_only_postgresql_serves_reads_and_answers_writes_503(pg_url, test_d
         try:
             hosts = api.get("/api/v1/hosts")  # the viewer's first use: noted, not written
             assert hosts.status_code == 200 and [h["name"] for h in hosts.json()] == ["h1", "h2"]
-            uses = api.client.app.state.token_uses
+            uses = api.client.app.state.service.token_uses
             assert uses.flush(session_factory=api.ctx.session_factory) == 0  # kept for later
             assert last_used(api, "viewer-bot") is None
             assert_database_unavailable(api.post("/api/v1/jobs", json=JOB))

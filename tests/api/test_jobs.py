@@ -219,7 +219,7 @@ def test_missed_start_after_downtime_runs_late_with_an_event(api):
             ),
             actor="test",
         ).id
-    api.client.app.state.scheduler.sweep()  # what the 1 s sweep and the start-up re-arm do
+    api.client.app.state.service.scheduler.sweep()  # what the 1 s sweep and the start-up re-arm do
     done = api.wait_state(missed, {"succeeded"})
     late = [
         e

@@ -89,7 +89,7 @@ def test_no_get_route_writes(api):
 
 
 def test_token_uses_are_written_later_at_most_once_a_minute(api):
-    uses = api.client.app.state.token_uses
+    uses = api.client.app.state.service.token_uses
     statements: list[str] = []
 
     def note(_conn, _cursor, statement, *_args) -> None:
@@ -150,7 +150,7 @@ class _WriteLock:
 
 
 def test_a_locked_database_delays_the_stamp_never_the_request(api, caplog):
-    uses = api.client.app.state.token_uses
+    uses = api.client.app.state.service.token_uses
     with _WriteLock(api.ctx.settings.database.url):
         started = time.monotonic()
         r = api.get("/api/v1/jobs")

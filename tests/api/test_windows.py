@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.services.tokens import Role, create_token
@@ -47,7 +47,7 @@ def open_app(db_url: str, test_driver, **config: Any) -> Iterator[Api]:
     )
     settings = with_database(settings, db_url)
     upgrade(db_url)
-    ctx = EngineContext(
+    ctx = Runtime(
         settings=settings,
         session_factory=make_session_factory(make_engine(db_url)),
         hypervisors=HypervisorPool(LibvirtHost),

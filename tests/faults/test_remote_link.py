@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from controller.daemon.scheduler import MaintenanceScheduler
 from controller.store.db import unit_of_work
 from controller.store.models import PauseIntent
-from controller.work.scheduler import MaintenanceScheduler
 from tests.conftest import make_harness, make_settings
 from tests.faults.bed import report, wait_for
 from tests.fleet import FleetSampler, WatchedHost

@@ -9,10 +9,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from controller.daemon.scheduler import MaintenanceScheduler
 from controller.services import jobs
 from controller.store.db import unit_of_work
 from controller.store.models import Event, Job, JobGuest, PauseIntent
-from controller.work.scheduler import MaintenanceScheduler
 from tests.conftest import Harness
 
 

@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
-from controller.cycle.notices import GuestNotices, freeze_ran
+from controller.cycle.guest_notices import GuestNotices, freeze_ran
+from controller.daemon.service import Service
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.store.db import unit_of_work
 from controller.store.models import Job, JobHost
-from controller.work.notices import NoticePublisher
-from controller.work.scheduler import MaintenanceScheduler
 from tests.conftest import QEMU_URI, Harness, make_harness, make_settings
 from tests.faults.bed import wait_for
 from tests.integration.engine_helpers import read_outcome, run, submit
@@ -112,12 +111,9 @@ def test_document_before_the_pause_and_hooks_around_it(bed, bed_guests, harness)
 
 def test_a_freeze_hook_that_succeeds_approves_the_notice(bed, bed_guests, harness):
     """A 10 minute notice ends as soon as every guest's freeze hook exited 0."""
-    scheduler = MaintenanceScheduler(harness.ctx)
-    publisher = NoticePublisher(
-        harness.ctx, is_leader=lambda: True, on_approved=lambda j: scheduler.arm(j, None)
-    )
-    scheduler.start()
-    publisher.start()
+    service = Service(harness.settings, ctx=harness.ctx)
+    service.start()  # the scheduler, and the notice publisher on this (the only) replica
+    scheduler = service.scheduler
     try:
         started = time.monotonic()
         job_id = submit(harness, runbook="noop", notice_seconds=600)
@@ -141,8 +137,7 @@ def test_a_freeze_hook_that_succeeds_approves_the_notice(bed, bed_guests, harnes
         wait_for(lambda: state() in ("succeeded", "succeeded_with_warnings"), 60, "the job ends")
         took = time.monotonic() - started
     finally:
-        publisher.stop()
-        scheduler.shutdown()
+        service.stop()
     out = read_outcome(harness, job_id)
     assert took < 60  # not the 600 s notice
     approvals = [e for e in out.events if e.kind == "event_approved"]

@@ -12,15 +12,15 @@ from controller.decisions.states import ItemState, JobState
 from controller.services.jobs import JobRequest, get_job, submit
 from controller.store.db import unit_of_work
 from controller.store.models import Event, JobHost, utcnow
-from controller.work.lifecycle import (
+from controller.work.items import (
     claim_item,
     finish_item,
     host_busy,
     renew,
     request_abort,
     take_over,
-    transition,
 )
+from controller.work.lifecycle import transition
 from tests.conftest import TEST_URI, make_harness, make_settings
 
 LEASE = 10.0

@@ -31,19 +31,21 @@ from controller.errors import Conflict
 from controller.services import jobs as job_service
 from controller.store.db import unit_of_work
 from controller.store.models import Host, Job, JobHost, PauseIntent, utcnow
-from controller.work.lifecycle import (
+from controller.work.items import (
     HELD,
     Lease,
+    claim_item,
+    create_items,
+    finish_item,
+    renew,
+    take_over,
+)
+from controller.work.lifecycle import (
     StartKind,
     abort_job,
     cancel_job,
-    claim_item,
-    create_items,
     finish,
-    finish_item,
-    renew,
     start_job,
-    take_over,
     transition,
 )
 from tests.conftest import migrated

@@ -10,13 +10,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from controller.engine import EngineContext
+from controller.cycle.runtime import Runtime
+from controller.daemon.scheduler import MaintenanceScheduler
+from controller.daemon.service import Service
 from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.store.db import make_engine, make_session_factory, unit_of_work
 from controller.store.models import Job, JobHost
 from controller.work.leader import AdvisoryLockLeader, SecondReplica, SingleReplica
-from controller.work.scheduler import MaintenanceScheduler
 from tests.conftest import TEST_URI, make_harness, make_settings, start_test_domains
 from tests.faults.bed import wait_for
 from tests.integration.engine_helpers import read_outcome, submit
@@ -41,8 +42,9 @@ def _harness(db_url):
 def test_the_notice_is_a_stored_deadline_that_no_thread_waits_out(db_url, test_driver):
     start_test_domains(test_driver, ["td-n1"])
     h = _harness(db_url)
-    sched = MaintenanceScheduler(h.ctx)
-    sched.start()
+    svc = Service(h.settings, ctx=h.ctx)
+    svc.start()
+    sched = svc.scheduler
     try:
         job_id = submit(h, runbook="noop", notice_seconds=2)
         sched.arm(job_id, None)
@@ -56,8 +58,7 @@ def test_the_notice_is_a_stored_deadline_that_no_thread_waits_out(db_url, test_d
         assert not [t for t in threading.enumerate() if t.name == f"lease-{job_id}"]
         wait_for(lambda: _state(h, job_id) == "succeeded", 10, "succeeded")
     finally:
-        sched.shutdown()
-        h.ctx.close()
+        svc.stop()
     out = read_outcome(h, job_id)
     running = next(e for e in out.events if e.kind == "job_running")
     assert running.details["notice_ended"] is True
@@ -69,10 +70,11 @@ def test_the_notice_is_a_stored_deadline_that_no_thread_waits_out(db_url, test_d
 def test_cancel_and_abort_during_the_notice_work_from_another_replica(db_url, test_driver):
     start_test_domains(test_driver, ["td-n2"])
     h = _harness(db_url)
-    a = MaintenanceScheduler(h.ctx)
-    a.start()
+    service_a = Service(h.settings, ctx=h.ctx)
+    service_a.start()
+    a = service_a.scheduler
     # Replica B: its own engine, sessions and runner id; never started (it only serves the API).
-    b_ctx = EngineContext(
+    b_ctx = Runtime(
         settings=h.settings,
         session_factory=make_session_factory(make_engine(db_url)),
         hypervisors=HypervisorPool(LibvirtHost),
@@ -100,8 +102,7 @@ def test_cancel_and_abort_during_the_notice_work_from_another_replica(db_url, te
         time.sleep(1.5)  # A's timers and sweep must not revive what B ended
         assert (_state(h, cancelled), _state(h, aborted)) == ("cancelled", "aborted")
     finally:
-        a.shutdown()
-        h.ctx.close()
+        service_a.stop()
         b_ctx.close()
     for job_id in (cancelled, aborted):
         kinds = read_outcome(h, job_id).kinds()
@@ -114,18 +115,19 @@ def test_a_follower_runs_due_work_it_did_not_receive(pg_url, test_driver):
     start_test_domains(test_driver, ["td-n3"])
     hosts = [{"name": f"h{i}", "uri": TEST_URI, "sync_clock": False} for i in range(1, 5)]
     h = make_harness(pg_url, make_settings(hosts, max_parallel_jobs=1))
-    a = MaintenanceScheduler(h.ctx)
-    b_ctx = EngineContext(
+    service_a = Service(h.settings, ctx=h.ctx)
+    b_ctx = Runtime(
         settings=h.settings,
         session_factory=make_session_factory(make_engine(pg_url)),
         hypervisors=HypervisorPool(LibvirtHost),
         runner_id="replica-b",
     )
-    b = MaintenanceScheduler(b_ctx)
-    a.start()
-    b.start()
+    service_b = Service(h.settings, ctx=b_ctx)
+    service_a.start()
+    service_b.start()
+    a = service_a.scheduler
     try:
-        assert a.is_leader and not b.is_leader
+        assert service_a.is_leader() and not service_b.is_leader()
         ids = [
             submit(h, hosts=[f"h{i}"], runbook="sleep", params={"seconds": "1"})
             for i in range(1, 5)
@@ -134,10 +136,8 @@ def test_a_follower_runs_due_work_it_did_not_receive(pg_url, test_driver):
             a.arm(job_id, None)
         wait_for(lambda: all(_state(h, j) == "succeeded" for j in ids), 30, "all succeeded")
     finally:
-        b.shutdown()
-        a.shutdown()
-        h.ctx.close()
-        b_ctx.close()
+        service_b.stop()
+        service_a.stop()
     with unit_of_work(h.session_factory) as s:
         runners = {j.id: j.runner_id for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
         starts = s.scalars(

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import libvirt
 from sqlalchemy import select
 
 from controller.cycle.recovery import reconcile
+from controller.daemon.scheduler import MaintenanceScheduler
 from controller.services.jobs import get_job
 from controller.store.db import make_engine, make_session_factory, unit_of_work
 from controller.store.models import JobHost
-from controller.work.lifecycle import request_abort
-from controller.work.scheduler import MaintenanceScheduler
+from controller.work.items import request_abort
 from tests.conftest import TEST_URI, make_harness, make_settings, start_test_domains
 from tests.faults.bed import wait_for
 from tests.integration.engine_helpers import read_outcome, submit
@@ -57,14 +58,15 @@ def test_a_dead_owners_item_is_taken_over_once_and_its_guests_resumed(db_url, te
     job_id = submit(h, runbook="noop")
     from controller.decisions.states import JobState
     from controller.store.models import PauseIntent, utcnow
-    from controller.work.lifecycle import claim_item, transition
+    from controller.work.items import claim_item
+    from controller.work.lifecycle import transition
 
     with unit_of_work(h.session_factory) as s:
         job = get_job(s, job_id, lock=True)
         lease = claim_item(s, job_id, "h1", "elsewhere:1:1", 2.0, utcnow())
         transition(s, job, JobState.RUNNING)
-        job.runner_id = "elsewhere:1:1"  # another machine: only its heartbeat and lease count
-        job.heartbeat_at = utcnow()
+        job.runner_id = "elsewhere:1:1"  # another machine: only its leases count
+        job.lease_expires_at = utcnow() + timedelta(seconds=2)
         s.add(
             PauseIntent(
                 job_id=job_id,

@@ -11,8 +11,8 @@ from datetime import datetime
 import pytest
 from sqlalchemy import select
 
+from controller.decisions.guests import GuestState
 from controller.decisions.rollout import RolloutPolicy
-from controller.hosts.hypervisor import GuestState
 from controller.services.jobs import JobRequest, plan
 from controller.settings import Settings
 from controller.store.db import unit_of_work

@@ -16,10 +16,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from controller.decisions.guests import GuestState
+from controller.decisions.runbook_outcomes import RunbookOutcome
 from controller.errors import HypervisorError
-from controller.hosts.hypervisor import GuestState
+from controller.hosts.launcher import wait_step
 from controller.hosts.libvirt_host import LibvirtHost
-from controller.hosts.remote import (
+from controller.hosts.ssh import (
     GUARDIAN_SOURCE,
     RemoteGuardian,
     SshError,
@@ -27,7 +29,6 @@ from controller.hosts.remote import (
     SshTarget,
     guardian_remote_path,
 )
-from controller.hosts.runbooks import RunbookOutcome
 from tests.sshbed import SshHost, children, user_processes
 from tests.testbed import BedGuest
 
@@ -130,7 +131,9 @@ def test_an_ssh_runbook_completes_with_its_output_and_environment(target):
         output_limit=64 * 1024,
     )
     now = time.monotonic()
-    result = proc.wait(timeout_at=now + 20, budget_at=now + 30, abort=threading.Event(), grace=1)
+    result = wait_step(
+        proc, timeout_at=now + 20, budget_at=now + 30, abort=threading.Event(), grace=1
+    )
     assert result.outcome is RunbookOutcome.COMPLETED, result
     assert result.exit_code == 0
     # The argument arrived as one literal argv element; only MAINTCTL_* crossed over.
@@ -148,7 +151,9 @@ def test_an_ssh_runbook_that_fails_reports_its_exit_code_and_bounded_output(targ
         output_limit=1024,
     )
     now = time.monotonic()
-    result = proc.wait(timeout_at=now + 20, budget_at=now + 30, abort=threading.Event(), grace=1)
+    result = wait_step(
+        proc, timeout_at=now + 20, budget_at=now + 30, abort=threading.Event(), grace=1
+    )
     assert (result.outcome, result.exit_code) == (RunbookOutcome.FAILED, 7)
     assert result.stdout == "x" * 1024 + "\n[... 3976 more bytes dropped]"
 
@@ -175,8 +180,12 @@ def test_an_ssh_runbook_past_its_budget_is_killed_with_its_whole_group(
     assert os.getsid(proc.pgid) == proc.pgid
 
     budget_at = proc.started + budget
-    result = proc.wait(
-        timeout_at=proc.started + 60, budget_at=budget_at, abort=threading.Event(), grace=grace
+    result = wait_step(
+        proc,
+        timeout_at=proc.started + 60,
+        budget_at=budget_at,
+        abort=threading.Event(),
+        grace=grace,
     )
     over = time.monotonic() - budget_at
     print(f"\nssh runbook {script!r}: ended {over:.3f} s after its budget (grace {grace} s)")
@@ -190,8 +199,8 @@ def test_an_aborted_ssh_runbook_ends_aborted(target):
     abort = threading.Event()
     proc = SshRunbookProcess(target, ["sleep", "300"], env={}, output_limit=1024)
     threading.Timer(0.5, abort.set).start()
-    result = proc.wait(
-        timeout_at=proc.started + 60, budget_at=proc.started + 60, abort=abort, grace=1
+    result = wait_step(
+        proc, timeout_at=proc.started + 60, budget_at=proc.started + 60, abort=abort, grace=1
     )
     assert result.outcome is RunbookOutcome.ABORTED
     assert result.duration_s < 1.5
@@ -204,7 +213,7 @@ def test_an_aborted_ssh_runbook_ends_aborted(target):
 def guardian_chain(ssh_host: SshHost) -> tuple[int, list[int]]:
     """The guardian's pid on the host and the sshd processes of the connection that serves it
     (the root monitor "[priv]" and the user's "@notty"), all started by the bed's sshd."""
-    guardians = [pid for pid, (_, cmd) in user_processes().items() if "host_guardian-" in cmd]
+    guardians = [pid for pid, (_, cmd) in user_processes().items() if "/guardian-" in cmd]
     assert len(guardians) == 1, guardians
     (guardian,) = guardians
     chain = []
@@ -294,7 +303,9 @@ def test_the_guardian_resumes_by_the_deadline_when_the_link_is_cut(ssh_host, tar
     assert guardian.resumed_at(guest.uuid) is not None  # told once the link was back
     assert abs(guardian.resumed_at(guest.uuid).timestamp() - running_at) < 0.5
     now = time.monotonic()
-    result = proc.wait(timeout_at=now + 5, budget_at=now + 5, abort=threading.Event(), grace=1)
+    result = wait_step(
+        proc, timeout_at=now + 5, budget_at=now + 5, abort=threading.Event(), grace=1
+    )
     assert (result.outcome, result.exit_code) == (RunbookOutcome.FAILED, -signal.SIGKILL)
 
 
@@ -343,7 +354,7 @@ def test_the_guardian_outlasts_a_hung_libvirtd(ssh_host, target, guest):
 CONTROLLER = """
 import sys, time
 from pathlib import Path
-from controller.hosts.remote import RemoteGuardian, SshTarget
+from controller.hosts.ssh import RemoteGuardian, SshTarget
 target = SshTarget(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
 guardian = RemoteGuardian.start(target, sys.argv[6], 1.0)
 guardian.watch([sys.argv[7]])
@@ -391,12 +402,30 @@ def test_the_guardian_resumes_at_once_when_the_controller_vanishes(ssh_host, gue
     assert running_at - killed_at <= 1.0
 
 
-def test_a_guardian_told_done_leaves_the_guests_alone(ssh_host, target, guest):
+def test_a_guardian_told_done_leaves_running_guests_alone(ssh_host, target, guest):
+    """done: the controller saw every guest settled. The guardian checks each once; a running
+    guest is left alone, and the guardian is gone well before its deadline would have fired."""
     hv = LibvirtHost(ssh_host.ssh_uri)
     guardian = RemoteGuardian.start(target, ssh_host.local_uri, 1.0)
     assert hv.suspend(guest.uuid)
     guardian.watch([guest.uuid])
     guardian.arm(time.time() + 1.0)
+    assert hv.resume(guest.uuid)  # the controller's own resume
     guardian.done()
-    assert wait_state(ssh_host.bed, GUEST, libvirt.VIR_DOMAIN_RUNNING, 2.0) is None
     assert guardian.resumed_at(guest.uuid) is None
+    assert not [cmd for _, cmd in user_processes().values() if "/guardian-" in cmd]
+    assert ssh_host.bed.state(GUEST)[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_a_guardian_told_done_still_resumes_a_guest_paused_by_us(ssh_host, target, guest):
+    """A guardian never leaves while a guest it guards is paused by the API: told done while one
+    still is (a controller that was wrong, or that stopped), it resumes it before it goes."""
+    hv = LibvirtHost(ssh_host.ssh_uri)
+    guardian = RemoteGuardian.start(target, ssh_host.local_uri, 1.0)
+    assert hv.suspend(guest.uuid)
+    guardian.watch([guest.uuid])
+    guardian.arm(time.time() + 60)
+    told = time.time()
+    guardian.done()
+    running_at = wait_state(ssh_host.bed, GUEST, libvirt.VIR_DOMAIN_RUNNING, 5.0)
+    assert running_at is not None and running_at - told < 2.0

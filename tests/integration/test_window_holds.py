@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from controller.services import jobs
-from controller.services.windows import host_hold, predicted_item_seconds
 from controller.settings import Settings
 from controller.store.db import unit_of_work
 from controller.store.models import Job, JobGuest
+from controller.work.holds import host_hold, predicted_item_seconds
 from controller.work.lifecycle import StartKind, start_job
 from tests.conftest import TEST_URI, Harness, make_harness
 

@@ -4,6 +4,7 @@ The real agent is exercised in tests/integration/test_engine_qemu.py; these cove
 healthy guest never takes (agent late after resume, agent without set-time, a clock that lags).
 """
 
+from controller.decisions.guests import GuestInfo, GuestState
 from controller.errors import AgentUnavailable, Unsupported
 from controller.hosts.clock import (
     REFINE_ROUNDS,
@@ -12,7 +13,6 @@ from controller.hosts.clock import (
     set_guest_clock,
     verify_guest_clock,
 )
-from controller.hosts.hypervisor import GuestInfo, GuestState
 
 
 class FakeHost:

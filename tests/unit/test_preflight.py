@@ -1,9 +1,9 @@
 import pytest
 
+from controller.decisions.guests import GuestInfo, GuestState
 from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
 from controller.decisions.rollout import host_order, update_domain_waves
 from controller.errors import AdmissionRefused
-from controller.hosts.hypervisor import GuestInfo, GuestState
 
 
 def g(name, state=GuestState.RUNNING, reason="booted", job=None, optout=False):

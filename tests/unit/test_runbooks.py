@@ -3,14 +3,10 @@ import time
 
 import pytest
 
+from controller.decisions.runbook_outcomes import RunbookOutcome
 from controller.errors import RunbookParamError
-from controller.hosts.runbooks import (
-    RunbookOutcome,
-    RunbookProcess,
-    build_argv,
-    resolve_program,
-    runbook_env,
-)
+from controller.hosts.launcher import step_env, wait_step
+from controller.hosts.local_runbook import RunbookProcess, resolve_program
 from controller.settings import RunbookConfig
 from tests.conftest import process_alive
 
@@ -22,7 +18,7 @@ RB = RunbookConfig(
 
 
 def test_params_fill_whole_elements_only():
-    argv = build_argv("rb", RB, {"package": "openssl"})
+    argv = RB.argv_for("rb", {"package": "openssl"})
     # "--version={package}" is not a whole-element placeholder: it stays literal.
     assert argv == ["apt-get", "install", "-y", "openssl", "--version={package}"]
 
@@ -33,14 +29,14 @@ def test_params_fill_whole_elements_only():
 )
 def test_values_that_do_not_match_are_refused(value):
     with pytest.raises(RunbookParamError):
-        build_argv("rb", RB, {"package": value})
+        RB.argv_for("rb", {"package": value})
 
 
 def test_unknown_and_missing_params_are_named():
     with pytest.raises(RunbookParamError, match="'shell'"):
-        build_argv("rb", RB, {"package": "x", "shell": "sh"})
+        RB.argv_for("rb", {"package": "x", "shell": "sh"})
     with pytest.raises(RunbookParamError, match="needs parameter 'package'"):
-        build_argv("rb", RB, {})
+        RB.argv_for("rb", {})
 
 
 def test_config_refuses_undeclared_and_unused_placeholders():
@@ -59,9 +55,11 @@ def test_resolve_program():
 
 
 def _run(argv, *, timeout=5.0, budget=None, abort=None, limit=65536, grace=0.5):
-    proc = RunbookProcess(argv, env=runbook_env({}), output_limit=limit)
+    env = step_env(job_id=1, host="h", uri="test:///default", step="apply")
+    proc = RunbookProcess(argv, env=env, output_limit=limit)
     now = time.monotonic()
-    return proc, proc.wait(
+    return proc, wait_step(
+        proc,
         timeout_at=now + timeout,
         budget_at=now + (budget if budget is not None else 999),
         abort=abort or threading.Event(),

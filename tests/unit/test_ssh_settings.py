@@ -146,7 +146,7 @@ def test_the_readme_remote_host_is_valid(tmp_path):
 
 
 def test_the_stored_section_gives_the_ssh_target(tmp_path):
-    from controller.hosts.remote import SshTarget
+    from controller.hosts.ssh import SshTarget
 
     (host,) = load(tmp_path, host_extra='patch_via = "ssh"').hosts
     target = SshTarget.from_stored(host.resolved_ssh())

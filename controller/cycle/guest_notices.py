@@ -1,6 +1,6 @@
 """Telling the guests, through their agents: Scheduled Events documents and freeze/thaw hooks.
 
-Used by the notice publisher (controller.work.notices: during a notice and after the pause) and
+Used by the notice publisher (controller.daemon.publisher: during a notice and after the pause) and
 by the engine (just before a host's first pause, and after its guests resumed and synced). All
 of it runs outside the pause window: a hook's time counts against the notice, never against the
 budget. A guest without an agent, or whose agent refuses file or exec commands, gets a recorded
@@ -21,11 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.errors import HypervisorError
 from controller.hosts.hypervisor import Hypervisor
-from controller.services import scheduled_events as se
 from controller.settings import MetadataSettings
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
 from controller.store.models import Event
+from controller.work import guest_documents as se
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Remote hosts over SSH: the runbook and the guardian run ON the host. The only module that
+"""Remote hosts over SSH: runbook steps and the guardian run ON the host. The only module that
 imports asyncssh.
 
 asyncssh is asyncio; the controller is threads. One event loop runs on a daemon thread for the
@@ -18,27 +18,20 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import asyncssh
 
+from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
 from controller.errors import HypervisorError
-from controller.hosts.runbooks import (
-    ABORT_POLL_SECONDS,
-    BoundedOutput,
-    RunbookOutcome,
-    RunbookResult,
-    cut_short,
-)
-
-if TYPE_CHECKING:
-    from controller.hosts.guardian import Guardian, GuardianHandle
-    from controller.hosts.runbooks import RunbookProcess, RunningRunbook
+from controller.hosts import guardian
+from controller.hosts.guardian_link import parse_report
+from controller.hosts.local_runbook import BoundedOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,7 +46,7 @@ KILL_CALL_SECONDS = 2.0
 RUNBOOK_START_SECONDS = 5.0
 GUARDIAN_START_SECONDS = 15.0
 GUARDIAN_SEND_SECONDS = 3.0
-GUARDIAN_SOURCE = Path(__file__).with_name("host_guardian.py")
+GUARDIAN_SOURCE = Path(guardian.__file__)
 ENV_NAME = re.compile(r"^(MAINTCTL_[A-Z0-9_]*|LANG)$")
 
 
@@ -297,35 +290,13 @@ class SshRunbookProcess:
                 self._kill("KILL")  # the leader is gone; KILL the rest of the group
                 return
 
-    def wait(
-        self,
-        *,
-        timeout_at: float,
-        budget_at: float,
-        abort: threading.Event,
-        grace: float,
-        tick: Callable[[], None] | None = None,
-        tick_every: float = 1.0,
-    ) -> RunbookResult:
-        """RunbookProcess.wait() for the remote runbook: same deadlines, same outcomes."""
-        outcome: RunbookOutcome | None = None
-        next_tick = time.monotonic() + tick_every
-        while not self._exited.is_set():
-            now = time.monotonic()
-            outcome = cut_short(now, timeout_at=timeout_at, budget_at=budget_at, abort=abort)
-            if outcome is not None:
-                self.kill_group(grace)
-                break
-            if tick is not None and now >= next_tick:
-                tick()
-                next_tick = now + tick_every
-            wait_for = min(timeout_at, budget_at, next_tick) - time.monotonic()
-            self._exited.wait(max(0.0, min(wait_for, ABORT_POLL_SECONDS)))
-        duration = time.monotonic() - self.started
+    def wait_exit(self, timeout: float) -> bool:
+        return self._exited.wait(max(0.0, timeout))
+
+    def result(self, outcome: RunbookOutcome | None, duration: float) -> RunbookResult:
         if self._kill_error is None:
             self._exited.wait(1.0)  # the last output and the exit status, after a kill
         code = self._returncode if self._exited.is_set() else None
-        error = self._kill_error or self._lost
         if outcome is None:
             outcome = RunbookOutcome.COMPLETED if code == 0 else RunbookOutcome.FAILED
         return RunbookResult(
@@ -334,7 +305,7 @@ class SshRunbookProcess:
             duration_s=duration,
             stdout=self._stdout.text(),
             stderr=self._stderr.text(),
-            error=error,
+            error=self._kill_error or self._lost,
         )
 
 
@@ -344,7 +315,7 @@ class SshRunbookProcess:
 def guardian_remote_path(source: bytes) -> str:
     """Where the guardian lives on the host, relative to the login's home directory: named by
     its content, so a new version never runs an old copy and an old one never runs a new."""
-    return f".cache/maintctl/host_guardian-{hashlib.sha256(source).hexdigest()[:16]}.py"
+    return f".cache/maintctl/guardian-{hashlib.sha256(source).hexdigest()[:16]}.py"
 
 
 async def _install_guardian(conn: asyncssh.SSHClientConnection, source: bytes) -> str:
@@ -366,7 +337,7 @@ async def _install_guardian(conn: asyncssh.SSHClientConnection, source: bytes) -
 
 
 class RemoteGuardian:
-    """Guardian's interface for a guardian running on the host over an SSH session."""
+    """A guardian running on the host, over an SSH session (guardian_link.GuardianLink)."""
 
     def __init__(self, target: SshTarget, proc: asyncssh.SSHClientProcess[str]) -> None:
         self.target = target
@@ -413,7 +384,7 @@ class RemoteGuardian:
         except (OSError, asyncssh.Error) as exc:
             raise SshError(_describe(exc)) from None
         line = (await proc.stdout.readline()).strip()
-        if line != "ready":
+        if line != guardian.READY:
             error = (await proc.stderr.read(4096)).strip()
             proc.close()
             raise SshError(f"got {line!r} instead of 'ready'; its stderr: {error!r}")
@@ -422,10 +393,9 @@ class RemoteGuardian:
     async def _read(self) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):
             async for line in self._proc.stdout:
-                verb, _, rest = line.strip().partition(" ")
-                uuid, _, epoch = rest.partition(" ")
-                if verb == "resumed":
-                    self._resumed[uuid] = datetime.fromtimestamp(float(epoch), UTC)
+                report = parse_report(line)
+                if report is not None:
+                    self._resumed[report[0]] = report[1]
 
     async def _relay_log(self) -> None:
         """The guardian's stderr into this process's log: what it did on the host."""
@@ -463,16 +433,23 @@ class RemoteGuardian:
         """The REMOTE runbook's process group (SshRunbookProcess.pgid), never a local one."""
         self._send(f"runbook {pgid}")
 
-    def done(self) -> None:
+    def _close(self, last: str | None) -> None:
         with self._done_lock:
             if self._done:
                 return  # already told
             self._done = True
-        self._send("done")
+        if last is not None:
+            self._send(last)
         with contextlib.suppress(OSError, asyncssh.Error):
             _loop.run(self._finish(), 6.0)
         with contextlib.suppress(TimeoutError):
             self._reader.result(timeout=1)
+
+    def done(self) -> None:
+        self._close("done")
+
+    def hand_over(self) -> None:
+        self._close(None)  # stdin at EOF without "done": the guardian rescues at once
 
     async def _finish(self) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):
@@ -483,11 +460,3 @@ class RemoteGuardian:
             # It did not hear "done": closing is stdin EOF to it, so it resumes what is still
             # paused (by now: nothing we did not resume) and exits.
             self._proc.close()
-
-
-if TYPE_CHECKING:
-    # mypy proves that the remote and the local kinds are interchangeable for the engine.
-    def _interfaces(
-        remote: tuple[SshRunbookProcess, RemoteGuardian], local: tuple[RunbookProcess, Guardian]
-    ) -> list[tuple[RunningRunbook, GuardianHandle]]:
-        return [remote, local]

@@ -1,8 +1,9 @@
 """The running side of ownership: one thread per running job renews what the job holds.
 
 Every second, for the job's whole life (notice, pause, runbook, resume, clock sync alike), the
-keeper stamps the job's heartbeat and renews the lease of the work item the job holds, and reads
-back whether an abort was asked (from any replica). A renewal that matches no row means the
+keeper renews the job's lease and the lease of every work item the job holds, in one
+transaction and to the same expiry, and reads back whether an abort was asked (from any
+replica). A renewal that matches no row means the
 lease was taken over: the keeper sets `lost` and aborts the job, and the engine refuses every
 guest call from then on. A renewal that fails because the database does not answer is not a
 loss: nobody else can take the item over without the database either, and the guests come first.
@@ -24,13 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controller.store.db import unit_of_work
 from controller.store.models import Job, utcnow
-from controller.work.lifecycle import Lease, renew
+from controller.work.items import Lease, renew
+from controller.work.ownership import lease_until
 
 log = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    """Renews the job's heartbeat and every work item the job holds (one per host it is working
+    """Renews the job's lease and every work item the job holds (one per host it is working
     on: several at once when a wave's hosts run in parallel)."""
 
     def __init__(
@@ -128,7 +130,7 @@ class LeaseKeeper:
                 abort = s.execute(
                     update(Job)
                     .where(Job.id == self.job_id, Job.runner_id == self.runner_id)
-                    .values(heartbeat_at=now)
+                    .values(lease_expires_at=lease_until(now, self.lease_seconds))
                     .returning(Job.abort_requested)
                 ).scalar_one_or_none()
                 for lease in leases:

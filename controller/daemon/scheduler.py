@@ -22,24 +22,22 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.cycle.recovery import reconcile
+from controller.cycle.rollout import run_job
+from controller.cycle.runtime import Runtime
 from controller.decisions.states import ItemState, JobState
-from controller.decisions.windows import Hold, current_opening
-from controller.engine import EngineContext, run_job
-from controller.errors import MaintctlError
+from controller.decisions.windows import Hold
 from controller.services import jobs as job_service
-from controller.services import windows as window_service
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.events import record_event
 from controller.store.models import Job, JobHost, utcnow
-from controller.work.leader import Leadership, leadership_for
+from controller.work.holds import host_hold, record_hold
+from controller.work.items import Lease, notice_ends, notice_over
 from controller.work.lifecycle import (
-    Lease,
     Start,
     StartKind,
     abort_job,
     cancel_job,
-    notice_ends,
-    notice_over,
+    expiry_due,
     start_job,
     transition,
 )
@@ -68,7 +66,7 @@ class MaintenanceScheduler:
     who runs it.
     """
 
-    def __init__(self, ctx: EngineContext, *, leadership: Leadership | None = None) -> None:
+    def __init__(self, ctx: Runtime, *, is_leader: Callable[[], bool] = lambda: False) -> None:
         self.ctx = ctx
         self.max_jobs = ctx.settings.maintenance.max_parallel_jobs
         self._aps = BackgroundScheduler(
@@ -76,25 +74,25 @@ class MaintenanceScheduler:
             executors={"default": APSThreadPool(4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
-        self._leadership = leadership
+        self._is_leader = is_leader
         self._pool = ThreadPoolExecutor(self.max_jobs, thread_name_prefix="job")
         self._lock = threading.Lock()
         self._queued: set[int] = set()  # submitted to the pool, not yet ended
         self._waiting_noted: set[int] = set()
         self._held_noted: dict[int, tuple[str, datetime | None]] = {}
-        self._window_jobs: set[tuple[str, datetime]] = set()
         self._outage_noted: set[str] = set()
+        self._also: Callable[[], object] = lambda: None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     @property
     def is_leader(self) -> bool:
-        return self._leadership is not None and self._leadership.is_leader
+        return self._is_leader()
 
     def start(self) -> None:
-        reconcile(ctx=self.ctx)  # guests first: before anything new can run
-        if self._leadership is None:
-            self._leadership = leadership_for(self.ctx.settings.database.url)
+        """Reconcile first (guests first: before anything new can run), then the timers. The
+        service tells it when this replica leads (lead) and when it stops leading (follow)."""
+        reconcile(ctx=self.ctx)
         self._aps.start()
         self._aps.add_job(
             self._reconcile,
@@ -103,7 +101,6 @@ class MaintenanceScheduler:
             id="reconcile",
         )
         self._aps.add_job(self._poll, "interval", seconds=POLL_SECONDS, id="poll")
-        self._leadership.start(on_gain=self._lead, on_loss=self._follow)
 
     def shutdown(self) -> None:
         """Stop timers, abort running jobs (their guests are resumed now) and wait for them."""
@@ -116,17 +113,17 @@ class MaintenanceScheduler:
         if self._aps.running:
             self._aps.shutdown(wait=True)
         self._pool.shutdown(wait=True)
-        if self._leadership is not None:
-            self._leadership.stop()
 
-    def _lead(self) -> None:
-        """Became leader: run the sweep, which arms a timer for every job waiting to start."""
+    def lead(self, also: Callable[[], object] = lambda: None) -> None:
+        """Became leader: run the sweep, which arms a timer for every job waiting to start (and
+        `also`, the service's other leader-only work, at each sweep)."""
+        self._also = also
         self._aps.add_job(
             self._sweep, "interval", seconds=SWEEP_SECONDS, id="sweep", replace_existing=True
         )
         self._sweep()
 
-    def _follow(self) -> None:
+    def follow(self) -> None:
         """Lost the lead: drop the sweep and every timer; the new leader re-arms them."""
         for timer in self._aps.get_jobs():
             if timer.id == "sweep" or timer.id.startswith("job-"):
@@ -137,7 +134,7 @@ class MaintenanceScheduler:
 
     def _sweep(self) -> None:
         self._housekeeping("the sweep", self.sweep)
-        self._housekeeping("the window jobs", self._submit_window_jobs)
+        self._housekeeping("the window jobs", self._also)
 
     def _poll(self) -> None:
         if not self.is_leader:
@@ -199,7 +196,7 @@ class MaintenanceScheduler:
             for job in waiting:
                 if job.state == JobState.NOTIFYING.value:
                     starts[job.id] = notice_ends(s, job.id)
-                elif job_service.expiry_due(job, now):
+                elif expiry_due(job, now):
                     self._expire(s, job)
                 else:
                     starts[job.id] = job.not_before
@@ -306,7 +303,7 @@ class MaintenanceScheduler:
             return start.lease or _NO_HOSTS
 
     def _hold(self, s: Session, job: Job, host: str, now: datetime) -> Hold | None:
-        return window_service.host_hold(s, self.ctx.settings, job, host, now=now)
+        return host_hold(s, self.ctx.settings, job, host, now=now)
 
     def _note_held(self, s: Session, job_id: int, start: Start) -> None:
         """A freeze or its window holds the job: say why once, look again when it may start."""
@@ -315,52 +312,8 @@ class MaintenanceScheduler:
         seen = (hold.kind, hold.until)
         if self._held_noted.get(job_id) != seen:
             self._held_noted[job_id] = seen
-            window_service.record_hold(s, job_id, start.host, hold)
+            record_hold(s, job_id, start.host, hold)
         self.arm(job_id, hold.until or utcnow() + timedelta(seconds=HOLD_RETRY_SECONDS))
-
-    def _submit_window_jobs(self) -> None:
-        """Each window with a job template submits it once per opening (an Idempotency-Key made
-        of the window and the opening: any replica, any restart, one job)."""
-        now = utcnow()
-        with unit_of_work(self.ctx.session_factory) as s:
-            declared = window_service.declared_windows(s, self.ctx.settings)
-        for config, _ in declared.values():
-            if config.job is None:
-                continue
-            opening = current_opening(window_service.window_of(config), now=now)
-            if opening is None or (config.name, opening.start) in self._window_jobs:
-                continue
-            req = job_service.JobRequest(
-                hosts=list(config.hosts or []),
-                all_hosts=config.selector == {},  # an empty selector covers every host
-                labels=dict(config.selector) if config.selector else None,
-                runbook=config.job.runbook,
-                params=dict(config.job.params),
-                pause_budget_seconds=config.job.pause_budget_seconds,
-                notice_seconds=config.job.notice_seconds,
-                window=config.name,
-            )
-            key = f"window:{config.name}:{opening.start.isoformat()}"
-            try:
-                with self.ctx.session_factory() as s:
-                    submitted = job_service.submit_once(
-                        s,
-                        session_factory=self.ctx.session_factory,
-                        settings=self.ctx.settings,
-                        req=req,
-                        actor=f"window:{config.name}"[:63],
-                        idempotency_key=key,
-                        payload={"window": config.name, "opening": opening.start.isoformat()},
-                        now=now,
-                    )
-                    job_id = submitted.job.id
-            except MaintctlError as exc:  # refused: not again until the next opening
-                self._window_jobs.add((config.name, opening.start))
-                log.warning("window %s opened but its job was refused: %s", config.name, exc)
-                continue
-            self._window_jobs.add((config.name, opening.start))
-            if not submitted.replayed:
-                self.arm(job_id, None)
 
     def _note_waiting(self, s: Session, job_id: int, host: str) -> None:
         if job_id in self._waiting_noted:

@@ -22,16 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
 
-from controller.cycle.notices import HookRun, agentless, freeze_ran, record_hooks
-from controller.cycle.runtime import EngineContext
+from controller.cycle.guest_notices import HookRun, agentless, freeze_ran, record_hooks
+from controller.cycle.runtime import Runtime
+from controller.decisions.guests import GuestInfo
 from controller.decisions.preflight import BusyGuestPolicy, classify_guests
 from controller.decisions.scheduled_events import digest
 from controller.decisions.states import ItemState
 from controller.errors import HypervisorError
-from controller.hosts.hypervisor import GuestInfo
-from controller.services import scheduled_events as se
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.models import GuestDocument, Host, JobHost, utcnow
+from controller.work import guest_documents as se
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ ADDRESS_REFRESH_SECONDS = 10.0
 class NoticePublisher:
     def __init__(
         self,
-        ctx: EngineContext,
+        ctx: Runtime,
         *,
         is_leader: Callable[[], bool],
         on_approved: Callable[[int], None],
@@ -225,7 +225,7 @@ class NoticePublisher:
                 se.set_addresses(s, guest, addrs)
 
 
-def _job_of(ctx: EngineContext, doc: se.Published) -> int | None:
+def _job_of(ctx: Runtime, doc: se.Published) -> int | None:
     if not doc.events:
         return None
     with unit_of_work(ctx.session_factory, read_only=True) as s:
