@@ -35,9 +35,11 @@ bench: testbed venv
 bench-fleet: venv
 	@$(VENV)/bin/python -m bench.fleet --hosts 100 --guests-per-host 10 --domains 10 --runs 3 --phases
 
+# The layers and what each may import: .importlinter (docs/architecture.md).
 lint: venv
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/lint-imports --no-cache
 
 typecheck: venv
 	@$(VENV)/bin/mypy controller api cli
