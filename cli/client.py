@@ -32,7 +32,7 @@ USER_AGENT = "maintctl-cli"
 
 
 class ExitCode:
-    """The CLI's exit codes, which CI pipelines branch on (README: CI pipelines)."""
+    """The CLI's exit codes, which CI pipelines branch on (docs/ci.md)."""
 
     SUCCEEDED = 0
     JOB_FAILED = 1

@@ -172,7 +172,7 @@ def submit(
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
 ) -> None:
-    """Submit a maintenance job; with --wait, exit 0 succeeded, 1 failed, 3 timeout (see README)."""
+    """Submit a maintenance job; with --wait, exit 0 succeeded, 1 failed, 3 timeout (docs/ci.md)."""
     body = job_body(
         hosts=host, all_hosts=all_hosts, selector=selector, runbook=runbook, params=param,
         not_before=not_before, budget=budget, notice=notice,

@@ -1,7 +1,8 @@
 """The Scheduled Events listener, checked from its documented contract with a plain client.
 
 The client below is the standard library's http.client, written from the contract (the Azure
-metadata service's Scheduled Events, as the README documents it), not from maintctl's code.
+metadata service's Scheduled Events, as docs/scheduled-events.md documents it), not from
+maintctl's code.
 The service is the real `maintctl serve` with two hosts on libvirt's test driver: h1 carries
 web-a and web-b (update domain 0), h2 carries db-c (update domain 1). Callers are told apart by
 source address (127.0.0.1 is web-a, 127.0.0.3 is db-c, 127.0.0.2 nobody) or by a guest token.

@@ -272,7 +272,7 @@ def fill(directory: Path) -> Path:
 
 
 def report(fault: str, **figures: float | str | None) -> None:
-    """Append a measured figure to $MAINTCTL_FAULT_REPORT (JSON lines), for the README's table."""
+    """Append a measured figure to $MAINTCTL_FAULT_REPORT (JSON lines), for docs/guest-safety.md."""
     import json
 
     path = os.environ.get("MAINTCTL_FAULT_REPORT")

@@ -2,7 +2,7 @@
 
 Replica A starts first and leads; B follows. Both serve the API and execute the work they claim.
 Faults are undone in a `finally` (SIGCONT a stopped replica, stop both services, kill a runbook
-left behind). Figures go to $MAINTCTL_FAULT_REPORT for the README.
+left behind). Figures go to $MAINTCTL_FAULT_REPORT for docs/guest-safety.md.
 """
 
 from __future__ import annotations

@@ -128,9 +128,9 @@ def test_the_remote_host_of_the_example_config_is_valid_once_uncommented(tmp_pat
     assert hv2.patch_via == "ssh" and hv2.resolved_ssh()["local_uri"] == "qemu:///system"
 
 
-def test_the_readme_remote_host_is_valid(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Remote hosts over SSH") :]
+def test_the_documented_remote_host_is_valid(tmp_path):
+    text = (ROOT / "docs" / "remote-hosts.md").read_text()
+    section = text[text.index("## Declaring a remote host") :]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "maintctl.toml"
     path.write_text(example)
