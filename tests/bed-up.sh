@@ -2,11 +2,18 @@
 # The test bed's own needs, on top of deploy/install-debian.sh: what builds the guest image,
 # a real PostgreSQL server, and a login role the tests use; sshd and Debian's python3-libvirt
 # for the remote host over SSH (tests/sshbed.py starts its own sshd); Debian's chromium, which
-# the dashboard's browser test drives through Playwright (no browser download). Idempotent.
+# the dashboard's browser test drives through Playwright (no browser download); debootstrap and
+# systemd-nspawn for the container that runs deploy/maintctl.service under a real systemd
+# (tests/systemdbed.py). Idempotent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/../deploy/install-debian.sh" qemu-guest-agent busybox-static cpio kmod postgresql \
-  postgresql-client util-linux openssh-server python3-libvirt chromium
+  postgresql-client util-linux openssh-server python3-libvirt chromium debootstrap \
+  systemd-container
+
+# That container's Debian tree, built once (about 40 s) and cached under /var/cache/maintctl-test,
+# so a test run only boots it. Standard library only: the virtualenv may not be there yet.
+python3 "$here/systemdbed.py" build
 
 cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
 if [ -z "$cluster" ]; then

@@ -15,6 +15,7 @@ from controller.store.models import Event, Job, JobGuest, PauseIntent
 from tests.conftest import QEMU_URI
 from tests.e2e.service import Client, Service, host_block
 from tests.faults.bed import FAULT_RUNBOOKS, Sampler, libvirtd_restored, wait_for
+from tests.systemdbed import SystemdMachine, ensure_root
 from tests.testbed import BedGuest
 
 TERMINAL = {"succeeded", "failed", "cancelled", "expired", "interrupted"}
@@ -157,3 +158,22 @@ def make_bed(tmp_path: Path, guests: list[BedGuest], **service_kw: Any) -> Itera
 @pytest.fixture
 def fault_bed(tmp_path: Path, bed, bed_guests) -> Iterator[Bed]:
     yield from make_bed(tmp_path, bed_guests)
+
+
+@pytest.fixture(scope="module")
+def systemd_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdMachine]:
+    """A real systemd, booted in a container (tests/systemdbed.py), powered off after the
+    module. Never skipped: where it cannot boot, the test fails with the reason."""
+    log_dir = tmp_path_factory.mktemp("systemd-machine")
+    try:
+        machine = SystemdMachine(ensure_root(), log_dir=log_dir).start()
+    except Exception as exc:
+        failure = f"the systemd test machine did not boot: {type(exc).__name__}: {exc}"
+    else:
+        failure = None
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+    try:
+        yield machine
+    finally:
+        machine.close()
