@@ -12,7 +12,7 @@ import threading
 import time
 
 from controller.cycle import notify
-from controller.cycle.applying import Applied, apply_step
+from controller.cycle.applying import Applied, apply_step, end_leftovers
 from controller.cycle.clock_sync import ClockSyncs
 from controller.cycle.guard import arm_guardian, release_when_settled, start_guardian
 from controller.cycle.pausing import pause_all
@@ -62,6 +62,7 @@ class HostCycle:
         )
         self.hv = ctx.hypervisors.get(host.uri)
         self.targets: list[GuestInfo] = []
+        self.unresponsive: list[str] = []  # skipped: their QEMU does not answer
         self.event_id: str | None = None  # this host item's Scheduled Event
         self.guardian: GuardianLink | None = None
 
@@ -79,11 +80,11 @@ class HostCycle:
         if ended is not None:
             return ended
         survey = survey_host(
-            self.hv, self.spec, self.host, self.argv, self.record, lease_fresh=fresh
+            c, self.hv, self.spec, self.host, self.argv, self.record, lease_fresh=fresh
         )
         if survey.ended is not None:
             return survey.ended
-        self.targets = survey.targets
+        self.targets, self.unresponsive = survey.targets, survey.unresponsive
         lease = self.keeper.lease_of(self.host.name)
         self.event_id = notify.tell_guests(
             c, self.spec, self.host, self.hv, self.targets, lease, self.record
@@ -136,6 +137,8 @@ class HostCycle:
                 abort=self.abort, quiet=self,
             )  # fmt: skip
         finally:  # guests first: whatever happened above, every guest that may be paused
+            pending_at = time.monotonic() + self.m.libvirt_call_timeout_seconds
+            c.outbox.hold(self, pending_at)  # quiet while the resumes are in flight
             if applied is not None:
                 self.record.runbook_finished(applied.result)  # queued: costs the guests nothing
             maybe = [p.guest for p in pauses if p.paused or p.uncertain] if pauses else self.targets
@@ -154,8 +157,6 @@ class HostCycle:
             if task.settled is not None and task.settled.running:
                 syncs.start(task)
 
-        pending_at = resumes.started + self.m.libvirt_call_timeout_seconds
-        c.outbox.hold(self, pending_at)  # quiet while the resumes are in flight
         stragglers = resumes.follow(
             back=back,
             all_settled=lambda: c.outbox.release(self),
@@ -164,6 +165,7 @@ class HostCycle:
             until=max(hard_at, pending_at),
         )
         resumes.later(stragglers, back)
+        c.pool.submit(end_leftovers, c, applied, self.record, leave=self.runbook.leave_children)
         outcomes = self._outcomes(resumes.tasks, pause_ms, syncs)
         running = [(t.uuid, t.name) for t in resumes.tasks if t.settled and t.settled.running]
         notify.thaw_guests(c, self.host, self.hv, self.event_id, running, self.record)
@@ -171,15 +173,21 @@ class HostCycle:
         if exceeded is not None:
             self.record.budget_exceeded(exceeded)
         rb = None if applied is None else applied.result
-        return host_verdict(runbook=self.spec.runbook, rb=rb, guests=outcomes, exceeded=exceeded)
+        return host_verdict(
+            runbook=self.spec.runbook,
+            rb=rb,
+            guests=outcomes,
+            exceeded=exceeded,
+            unresponsive=self.unresponsive,
+        )
 
     # --- helpers of the steps above --------------------------------------------------------
 
     def _hold_guardian(self) -> HeldGuardian | None:
         if self.guardian is None:
             return None
-        names = [g.name for g in self.targets]
-        held = HeldGuardian(self.guardian, self.spec.id, self.host.name, names)
+        names, uuids = [g.name for g in self.targets], [g.uuid for g in self.targets]
+        held = HeldGuardian(self.guardian, self.spec.id, self.host.name, names, uuids)
         self.ctx.hold_guardian(held)
         return held
 

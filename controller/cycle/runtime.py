@@ -45,6 +45,7 @@ class HeldGuardian:
     job_id: int
     host: str
     guests: list[str]
+    uuids: list[str]
 
 
 @dataclass
@@ -118,7 +119,12 @@ class Runtime:
             return  # closed already (a service and its test both close it)
         self._closed = True
         self.stopping.set()
-        left = self.resumer.close(wait=10.0)
+        with self._guardians_lock:
+            guarded = {uuid for h in self._guardians for uuid in h.uuids}
+        # Guests a guardian holds are handed to it at once; the others get a little longer here.
+        unguarded = [t for t in self.resumer.tasks() if t.uuid not in guarded]
+        self._hand_over_guardians()
+        left = self.resumer.close(wait=10.0 if unguarded else 0.0)
         if left:
             log.warning(
                 "stopping with %d guest(s) not confirmed running: %s; their intents stay open "
@@ -126,7 +132,6 @@ class Runtime:
                 len(left),
                 ", ".join(t.name for t in left),
             )
-        self._hand_over_guardians()
         unwritten = self.outbox.close()
         if unwritten:
             log.warning("stopping with %d record batch(es) in the journal", unwritten)

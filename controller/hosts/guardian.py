@@ -214,17 +214,32 @@ class CallTimedOut(Exception):
 
 
 class Libvirt:
-    """One connection, opened lazily and opened again after any failure; every call bounded."""
+    """One connection, opened lazily and opened again after it fails; every call bounded.
+
+    A guest whose QEMU does not answer keeps its call in flight (in libvirtd, it holds a worker
+    thread): while it is there, no second resume of that guest is issued; the attempt waits for
+    it instead, within the call timeout. So a rescue that retries for as long as it takes never
+    stacks calls in libvirtd, and never starves the calls of other guests or of the controller.
+    """
 
     def __init__(self, uri: str, call_timeout: float) -> None:
         self.uri = uri
         self.call_timeout = call_timeout
         self._conn: Any = None
         self._lock = threading.Lock()
+        self._inflight: dict[str, threading.Event] = {}  # guest -> its unfinished resume
 
-    def call(self, fn: Callable[[Any], T]) -> T:
+    def call(self, fn: Callable[[Any], T], key: str | None = None) -> T:
         """fn(connection) on a thread of its own: a hung libvirtd or QEMU costs one abandoned
-        thread, never the rescue. Any failure drops the connection, so the next call reconnects."""
+        thread, never the rescue. A failure drops the connection, so the next call reconnects;
+        a call that only took too long keeps it (it is still in flight there). With a key, a
+        call still in flight under it is waited for instead of stacking another."""
+        deadline = time.monotonic() + self.call_timeout
+        if key is not None:
+            with self._lock:
+                previous = self._inflight.get(key)
+            if previous is not None and not previous.wait(self.call_timeout):
+                raise CallTimedOut(f"an earlier call for {key} on {self.uri} is still in flight")
         box: dict[str, Any] = {}
         done = threading.Event()
 
@@ -236,9 +251,11 @@ class Libvirt:
             finally:
                 done.set()
 
+        if key is not None:
+            with self._lock:
+                self._inflight[key] = done
         threading.Thread(target=run, daemon=True).start()
-        if not done.wait(self.call_timeout):
-            self._drop()
+        if not done.wait(max(0.0, deadline - time.monotonic())):
             raise CallTimedOut(f"no answer from {self.uri} in {self.call_timeout} s")
         if "error" in box:
             if not no_such_guest(box["error"]):
@@ -264,6 +281,7 @@ class Libvirt:
             self._conn = None
 
     def state(self, uuid: str) -> tuple[str, str]:
+        # A state read takes no domain job in libvirtd: it answers while a resume is stuck.
         state, reason = self.call(lambda c: c.lookupByUUIDString(uuid).state())
         return state_names(int(state), int(reason))
 
@@ -280,7 +298,7 @@ class Libvirt:
                 raise
             return True
 
-        return self.call(run)
+        return self.call(run, key=uuid)
 
 
 # --- the switch -------------------------------------------------------------------------------

@@ -18,7 +18,15 @@ from tests.faults.bed import FAULT_RUNBOOKS, Sampler, libvirtd_restored, wait_fo
 from tests.systemdbed import SystemdMachine, ensure_root
 from tests.testbed import BedGuest
 
-TERMINAL = {"succeeded", "failed", "cancelled", "expired", "interrupted"}
+TERMINAL = {
+    "succeeded",
+    "succeeded_with_warnings",
+    "failed",
+    "cancelled",
+    "aborted",
+    "expired",
+    "interrupted",
+}
 
 
 @dataclass
