@@ -273,6 +273,9 @@ class GuestPublic(_Out):
     reason: str
     active_job: str | None
     opted_out: bool
+    unresponsive: bool = Field(
+        default=False, description="Its QEMU does not answer: no job pauses it, nothing waits on it"
+    )
 
 
 class HostDetail(HostPublic):

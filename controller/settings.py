@@ -224,6 +224,10 @@ class RunbookConfig(_Strict):
     prepare_timeout_seconds: float = Field(default=600, gt=0, le=86400)
     verify: list[str] | None = Field(default=None, min_length=1, max_length=64)
     verify_timeout_seconds: float = Field(default=60, gt=0, le=86400)
+    # Processes the apply step leaves in its process group after its main process exited are
+    # recorded and killed after kill_grace_seconds; true leaves them running (a runbook that
+    # starts a daemon on purpose).
+    leave_children: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -269,6 +269,22 @@ class TestBed:
             },
         )
 
+    def hang_agent(self, name: str, seconds: float) -> None:
+        """Freeze qemu-ga inside the guest (SIGSTOP) for `seconds`, then let it go on: its
+        channel takes commands that are never answered meanwhile."""
+        script = (
+            f"(sleep 0.3; kill -STOP $(pidof qemu-ga); sleep {seconds:g}; "
+            "kill -CONT $(pidof qemu-ga)) >/dev/null 2>&1 </dev/null &"
+        )
+        self.agent(
+            name,
+            {
+                "execute": "guest-exec",
+                "arguments": {"path": "/bin/busybox", "arg": ["sh", "-c", script]},
+            },
+        )
+        time.sleep(0.5)
+
     def state(self, name: str) -> tuple[int, int]:
         state, reason = self.domain(name).state()
         return state, reason

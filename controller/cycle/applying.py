@@ -18,6 +18,7 @@ from controller.cycle.runtime import HostRef, JobSpec, Runtime
 from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
 from controller.hosts.guardian_link import GuardianLink
 from controller.hosts.launcher import RunningRunbook, run_step, step_env
+from controller.hosts.local_runbook import RunbookProcess
 
 # The outbox writes nothing during the first moments of the runbook.
 RUNBOOK_QUIET_SECONDS = 0.2
@@ -27,6 +28,7 @@ RUNBOOK_QUIET_SECONDS = 0.2
 class Applied:
     result: RunbookResult
     paused_at: Mapping[str, datetime]  # confirmed pauses only, by guest UUID
+    proc: RunningRunbook | None = None  # None: it did not start
 
 
 def apply_step(
@@ -80,4 +82,24 @@ def apply_step(
     )
     if not runs:  # it did not start: the pauses are still recorded
         record.pauses(pauses, paused_at, None)
-    return Applied(rb, paused_at)
+    return Applied(rb, paused_at, runs[0] if runs else None)
+
+
+def end_leftovers(
+    ctx: Runtime, applied: Applied | None, record: HostRecorder, *, leave: bool
+) -> None:
+    """Off the pause: what the apply step left in its process group (a child holding its output,
+    a daemon it started) is recorded and, unless the runbook leaves it, TERMed, then KILLed
+    after the grace. A runbook on a remote host is left to its session there."""
+    proc = None if applied is None else applied.proc
+    if not isinstance(proc, RunbookProcess):
+        return
+    left = proc.leftovers()
+    if not left:
+        return
+    if leave:
+        record.leftovers(left, ended=False, stubborn=[], output=proc.collect_output(0.0))
+        return
+    grace = ctx.settings.maintenance.kill_grace_seconds
+    stubborn = proc.end_leftovers(grace)
+    record.leftovers(left, ended=True, stubborn=stubborn, output=proc.collect_output(0.0))

@@ -8,7 +8,10 @@ late; alone it is accurate to a few ms). Each guest's outcome and measured skew 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 from controller.cycle.recording import HostRecorder
 from controller.cycle.resumption import ResumeTask
@@ -22,6 +25,38 @@ from controller.hosts.clock import (
 )
 from controller.hosts.hypervisor import Hypervisor
 
+# The longest one guest's verification keeps the others waiting (a normal one takes tens of ms).
+TURN_SECONDS = 0.25
+
+
+class Turnstile:
+    """One guest's verification at a time, but none holds the others for longer than `hold`:
+    a slow or hung agent costs only its own guest's sync."""
+
+    def __init__(self, hold: float = TURN_SECONDS) -> None:
+        self._hold = hold
+        self._cond = threading.Condition()
+        self._holder: object | None = None
+        self._since = 0.0
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            while self._holder is not None:
+                left = self._since + self._hold - time.monotonic()
+                if left <= 0:
+                    break  # the holder is slow: go on beside it
+                self._cond.wait(left)
+            self._holder, self._since = me, time.monotonic()
+        try:
+            yield
+        finally:
+            with self._cond:
+                if self._holder is me:
+                    self._holder = None
+                self._cond.notify_all()
+
 
 def sync_one(
     hv: Hypervisor,
@@ -30,14 +65,16 @@ def sync_one(
     enabled: bool,
     agent_timeout: int,
     retry_seconds: float,
-    verify_lock: threading.Lock,
+    turnstile: Turnstile,
 ) -> ClockSync:
     if not enabled:
         return ClockSync(SyncMethod.NONE, SyncOutcome.DISABLED)
     first = set_guest_clock(
         hv, uuid, agent_timeout_seconds=agent_timeout, retry_seconds=retry_seconds
     )
-    with verify_lock:
+    if first.outcome is not SyncOutcome.OK:
+        return first  # nothing to verify: no turn taken
+    with turnstile.turn():
         return verify_guest_clock(hv, uuid, first)
 
 
@@ -47,7 +84,7 @@ class ClockSyncs:
 
     def __init__(self, ctx: Runtime, hv: Hypervisor, host: HostRef, record: HostRecorder) -> None:
         self.ctx, self.hv, self.host, self.record = ctx, hv, host, record
-        self._verify_lock = threading.Lock()
+        self._turnstile = Turnstile()
         self.results: dict[str, Future[ClockSync]] = {}
 
     def start(self, task: ResumeTask) -> None:
@@ -61,7 +98,7 @@ class ClockSyncs:
             enabled=self.host.sync_clock,
             agent_timeout=m.agent_timeout_seconds,
             retry_seconds=m.clock_sync_retry_seconds,
-            verify_lock=self._verify_lock,
+            turnstile=self._turnstile,
         )
         self.record.clock_synced(task, c)
         return c

@@ -28,6 +28,7 @@ from controller.decisions.verdicts import BudgetExceeded
 from controller.hosts.clock import ClockSync
 from controller.hosts.guardian import Settled, SettleKind
 from controller.hosts.guardian_link import GuardianLink
+from controller.hosts.local_runbook import Leftover
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
 from controller.store.guest_cache import record_guest_states
@@ -164,6 +165,8 @@ class HostRecorder:
                     )
                 )
                 kind = "guest_blocking" if (guest, why) in blockers else "guest_skipped"
+                if guest.unresponsive:
+                    kind = "guest_unresponsive"
                 self._event(
                     s,
                     kind,
@@ -309,6 +312,30 @@ class HostRecorder:
             return None
         return self.resumed(
             task, settled, paused_at, resumed_at, by_guardian=by_guardian is not None
+        )
+
+    def leftovers(
+        self,
+        left: list[Leftover],
+        *,
+        ended: bool,
+        stubborn: list[Leftover],
+        output: tuple[str, str],
+    ) -> None:
+        """Processes the apply step left in its process group, and what became of them."""
+        names = ", ".join(f"{p.pid} ({p.command})" for p in left)
+        what = "left running (leave_children)" if not ended else "TERMed and KILLed"
+        self.outbox.submit(
+            self._add_event(
+                "runbook_leftovers",
+                f"runbook {self.runbook} left {len(left)} process(es) in its group after it "
+                f"exited: {names}; {what}",
+                processes=[{"pid": p.pid, "command": p.command} for p in left],
+                ended=ended,
+                still_there=[p.pid for p in stubborn],
+                stdout=output[0],
+                stderr=output[1],
+            )
         )
 
     def resume_pending(self, task: ResumeTask, waited: float) -> None:

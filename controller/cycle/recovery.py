@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from controller.cycle.clock_sync import sync_one
+from controller.cycle.clock_sync import Turnstile, sync_one
 from controller.cycle.outbox import AddEvent, Outbox, ResolveIntent, UpdateGuest
 from controller.cycle.recording import resumed_values, synced_values
 from controller.cycle.resumption import ResumeTask
@@ -219,7 +219,7 @@ class _Recovery:
                 enabled=i.sync_clock,
                 agent_timeout=m.agent_timeout_seconds,
                 retry_seconds=m.clock_sync_retry_seconds,
-                verify_lock=threading.Lock(),
+                turnstile=Turnstile(),
             )
         record_recovered(
             self.ctx.outbox,

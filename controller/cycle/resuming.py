@@ -2,7 +2,7 @@
 own that never gives up, and followed here as it comes back.
 
 A guest is handed on (recorded, then its clock synced) once every guest of the host has settled,
-or SPREAD_SECONDS after the first one did: a stuck guest never holds the others' clock sync for
+or SPREAD_SECONDS (0.1 s) after the first one did: a stuck guest never holds the others' clock sync for
 longer than that, and a quick straggler is not overtaken by agent calls that would lengthen its
 pause. A guest not confirmed running within the call timeout is marked resume_pending and keeps
 being retried; the step waits for it until the hard budget, and if it comes back later still,
@@ -22,7 +22,7 @@ from controller.hosts.guardian import SettleKind
 from controller.hosts.hypervisor import Hypervisor
 
 # How long the first guest back waits for the others before its clock is synced.
-SPREAD_SECONDS = 0.2
+SPREAD_SECONDS = 0.1
 
 
 class Resumes:

@@ -43,6 +43,7 @@ from controller.decisions.verdicts import (
     HostResult,
     JobFailed,
     Verdict,
+    Warn,
     stopping_verdict,
     success_verdict,
 )
@@ -170,7 +171,7 @@ def _roll_out(job_id: int, ctx: Runtime, abort: threading.Event, keeper: LeaseKe
         raise JobFailed("admission_refused", str(exc)) from None
     hosts = _load_hosts(ctx, spec.host_names)
 
-    warnings: list[str] = []
+    warnings: list[Warn] = []
     failed: list[str] = []
     waves = update_domain_waves(hosts)
     left = len(hosts)  # hosts not started yet

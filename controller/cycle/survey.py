@@ -4,25 +4,44 @@ runbook can run and that the lease still holds. A HostResult here ends the host 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.cycle.recording import HostRecorder
-from controller.cycle.runtime import HostRef, JobSpec
-from controller.decisions.guests import GuestInfo
+from controller.cycle.runtime import HostRef, JobSpec, Runtime
+from controller.decisions.guests import GuestInfo, GuestState
 from controller.decisions.preflight import classify_guests
 from controller.decisions.verdicts import HostResult
 from controller.errors import HypervisorError
 from controller.hosts.hypervisor import Hypervisor
 from controller.hosts.launcher import missing_program
 
+# A running guest's QEMU must answer a query within this before it is paused.
+PROBE_SECONDS = 1.0
+
+
+def _probed(ctx: Runtime, hv: Hypervisor, guests: list[GuestInfo]) -> list[GuestInfo]:
+    """Each running guest's QEMU asked once, all at once: one that does not answer is never
+    paused (its suspend would hang and hold the others' pause)."""
+    running = [g for g in guests if g.state is GuestState.RUNNING and not g.unresponsive]
+    answers = dict(
+        zip(
+            (g.uuid for g in running),
+            ctx.fan_out(lambda g: hv.probe(g.uuid, PROBE_SECONDS), running),
+            strict=True,
+        )
+    )
+    return [g if answers.get(g.uuid, True) else replace(g, unresponsive=True) for g in guests]
+
 
 @dataclass(frozen=True)
 class Survey:
     targets: list[GuestInfo] = field(default_factory=list)
     ended: HostResult | None = None  # the host ends here: nothing is paused
+    unresponsive: list[str] = field(default_factory=list)  # skipped: their QEMU does not answer
 
 
 def survey_host(
+    ctx: Runtime,
     hv: Hypervisor,
     spec: JobSpec,
     host: HostRef,
@@ -36,6 +55,7 @@ def survey_host(
     except HypervisorError as exc:
         record.host_unavailable(str(exc))
         return Survey(ended=HostResult("host_unavailable", str(exc)))
+    guests = _probed(ctx, hv, guests)
     plan = classify_guests(guests, exclude=spec.exclude_guests, busy=spec.busy)
     record.preflight(guests, plan.skipped, plan.blockers)
     if plan.blockers:
@@ -47,4 +67,5 @@ def survey_host(
     if plan.targets and not lease_fresh():
         detail = f"nothing paused: the lease on {host.name} is stale"
         return Survey(ended=HostResult("lease_lost", detail))
-    return Survey(targets=plan.targets)
+    unresponsive = [g.name for g, _ in plan.skipped if g.unresponsive]
+    return Survey(targets=plan.targets, unresponsive=unresponsive)

@@ -204,12 +204,20 @@ class NoticePublisher:
             log.exception("freeze hooks of %s failed", name)
 
     def _refresh_addresses(self, uris: dict[str, str]) -> None:
+        """Not on a host whose cycle runs: its guests' agents are the cycle's (clock sync)."""
         with unit_of_work(self.ctx.session_factory, read_only=True) as s:
-            docs = s.execute(
-                select(GuestDocument.guest, GuestDocument.host).where(
-                    GuestDocument.digest != digest([])
+            running = set(
+                s.scalars(select(JobHost.host).where(JobHost.state == ItemState.RUNNING.value))
+            )
+            docs = [
+                (guest, host)
+                for guest, host in s.execute(
+                    select(GuestDocument.guest, GuestDocument.host).where(
+                        GuestDocument.digest != digest([])
+                    )
                 )
-            ).all()
+                if host not in running
+            ]
         guests = self._guests_by_name(
             uris, {h for _, h in docs if h and not agentless(uris.get(h, "test:"))}
         )

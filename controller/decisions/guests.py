@@ -24,3 +24,6 @@ class GuestInfo:
     active_job: str | None = None
     opted_out: bool = False
     availability_set: str | None = None
+    # Its QEMU or agent does not answer (an operation on it is stuck, or it could not be
+    # inspected in time): it is left exactly as it is, and it delays nothing else.
+    unresponsive: bool = False

@@ -9,6 +9,8 @@ from enum import StrEnum
 from controller.decisions.guests import GuestInfo, GuestState
 from controller.errors import AdmissionRefused
 
+UNRESPONSIVE = "unresponsive: its QEMU does not answer; left as it is"
+
 
 class BusyGuestPolicy(StrEnum):
     """What to do with a guest that has an active libvirt job (backup, migration)."""
@@ -33,6 +35,8 @@ def classify_guests(
     for guest in sorted(guests, key=lambda g: g.name):
         if guest.name in excluded or guest.uuid in excluded:
             plan.skipped.append((guest, "excluded by the job"))
+        elif guest.unresponsive:
+            plan.skipped.append((guest, UNRESPONSIVE))
         elif guest.opted_out:
             plan.skipped.append((guest, "opted out in its libvirt metadata"))
         elif guest.state is not GuestState.RUNNING:

@@ -29,11 +29,19 @@ class GuestOutcome:
     clock_warning: str | None = None  # the clock sync's outcome, when it is a warning
 
 
+@dataclass(frozen=True)
+class Warn:
+    """Something an operator should know of a host that otherwise did well."""
+
+    reason: str  # clock_sync, guest_unresponsive
+    text: str
+
+
 @dataclass
 class HostResult:
     failure: str | None = None  # a job reason: budget_exceeded, runbook_failed, ...
     detail: str = ""
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Warn] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,16 @@ def host_verdict(
     rb: RunbookResult | None,
     guests: Sequence[GuestOutcome],
     exceeded: BudgetExceeded | None,
+    unresponsive: Sequence[str] = (),
 ) -> HostResult:
-    """The host's outcome: the budget first, then guests left paused, then the runbook's."""
-    warnings = [f"{g.name}: clock {g.clock_warning}" for g in guests if g.clock_warning]
+    """The host's outcome: the budget first, then guests left paused, then the runbook's.
+    `unresponsive` names guests skipped because their QEMU did not answer (a warning)."""
+    warnings = [
+        Warn("guest_unresponsive", f"{n}: unresponsive, left as it is") for n in unresponsive
+    ]
+    warnings += [
+        Warn("clock_sync", f"{g.name}: clock {g.clock_warning}") for g in guests if g.clock_warning
+    ]
     if exceeded is not None:
         return HostResult("budget_exceeded", exceeded.message, warnings)
     flagged = [g for g in guests if g.settled and not g.running]
@@ -142,7 +157,7 @@ def stopping_verdict(
 
 
 def success_verdict(
-    warnings: list[str], failed: Sequence[str] = (), policy: RolloutPolicy | None = None
+    warnings: Sequence[Warn], failed: Sequence[str] = (), policy: RolloutPolicy | None = None
 ) -> Verdict:
     """Every host tried: failures beyond the tolerated fail the job, tolerated ones and clock
     warnings make it a success with warnings."""
@@ -152,7 +167,11 @@ def success_verdict(
             JobState.SUCCEEDED_WITH_WARNINGS if policy.tolerates(len(failed)) else JobState.FAILED
         )
         detail = f"{len(failed)} host(s) failed: {', '.join(failed)}"
-        return Verdict(state, "hosts_failed", "; ".join([detail, *warnings]))
+        return Verdict(state, "hosts_failed", "; ".join([detail, *(w.text for w in warnings)]))
     if warnings:
-        return Verdict(JobState.SUCCEEDED_WITH_WARNINGS, "clock_sync", "; ".join(warnings))
+        reasons = {w.reason for w in warnings}
+        reason = reasons.pop() if len(reasons) == 1 else "warnings"
+        return Verdict(
+            JobState.SUCCEEDED_WITH_WARNINGS, reason, "; ".join(w.text for w in warnings)
+        )
     return Verdict(JobState.SUCCEEDED)

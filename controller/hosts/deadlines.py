@@ -91,34 +91,58 @@ def call_with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
 
 
 class SerialCalls:
-    """At most one call in flight per key; later calls wait for it within their own deadline."""
+    """At most one call in flight per key; later calls wait for it within their own deadline.
+
+    A call its caller gave up on keeps its key until it returns: `stuck(key)` says a guest has
+    one (its QEMU or agent does not answer), and no further call is stacked behind it in libvirt.
+    """
 
     def __init__(self) -> None:
-        self._inflight: dict[Hashable, Future[object]] = {}
+        self._inflight: dict[Hashable, tuple[Future[object], float, str]] = {}
         self._lock = threading.Lock()
 
     def in_flight(self, key: Hashable) -> bool:
         with self._lock:
-            future = self._inflight.get(key)
-        return future is not None and not future.done()
+            held = self._inflight.get(key)
+        return held is not None and not held[0].done()
 
-    def call(self, key: Hashable, fn: Callable[[], T], timeout: float, what: str) -> T:
+    def stuck(self, key: Hashable, older_than: float) -> bool:
+        """A call on this key has been in flight for more than `older_than` seconds."""
+        with self._lock:
+            held = self._inflight.get(key)
+        return held is not None and not held[0].done() and time.monotonic() - held[1] > older_than
+
+    def call(
+        self,
+        key: Hashable,
+        fn: Callable[[], T],
+        timeout: float,
+        what: str,
+        *,
+        abandoned: Callable[[Future[object]], None] | None = None,
+    ) -> T:
+        """fn's result within `timeout`, after any call still in flight on the key; CallTimedOut
+        otherwise (`abandoned(future)` is told of a call left running)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                previous = self._inflight.get(key)
-                if previous is None or previous.done():
+                held = self._inflight.get(key)
+                if held is None or held[0].done():
                     future: Future[T] = start_call(fn, name=what[:40])
-                    self._inflight[key] = future  # type: ignore[assignment]
+                    self._inflight[key] = (future, time.monotonic(), what)  # type: ignore[assignment]
                     break
             left = deadline - time.monotonic()
             try:
-                previous.exception(timeout=max(0.0, left))  # its outcome is not ours to report
+                held[0].exception(timeout=max(0.0, left))  # its outcome is not ours to report
             except FutureTimeout:
+                age = time.monotonic() - held[1]
                 raise CallTimedOut(
-                    f"{what}: an earlier call on this guest is still in flight after {timeout:g} s"
+                    f"{what}: an earlier call on this guest ({held[2]}, {age:.1f} s ago) is still "
+                    f"in flight after {timeout:g} s"
                 ) from None
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
+            if abandoned is not None:
+                abandoned(future)  # type: ignore[arg-type]
             raise CallTimedOut(f"{what}: no answer within {timeout:g} s") from None

@@ -44,6 +44,10 @@ class Hypervisor(Protocol):
     def guest(self, uuid: str) -> GuestInfo:
         """Raise GuestNotFound if the host has no such guest."""
 
+    def probe(self, uuid: str, timeout: float) -> bool:
+        """Whether the guest's QEMU answers a harmless monitor query within `timeout` seconds
+        (a stopped or hung QEMU does not)."""
+
     def state(self, uuid: str) -> tuple[GuestState, str]:
         """The guest's state and libvirt's reason, cheaply: answers even while a call is stuck."""
 

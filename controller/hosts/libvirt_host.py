@@ -12,7 +12,10 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, suppress
+from functools import partial
 from typing import Any, TypeVar
 from xml.etree import ElementTree
 
@@ -22,12 +25,13 @@ from libvirt_qemu import qemuAgentCommand
 from controller.decisions.guests import GuestInfo, GuestState
 from controller.errors import (
     AgentUnavailable,
+    CallTimedOut,
     GuestNotFound,
     HostUnavailable,
     HypervisorError,
     Unsupported,
 )
-from controller.hosts.deadlines import SerialCalls, call_with_deadline
+from controller.hosts.deadlines import SerialCalls, call_with_deadline, start_call
 from controller.hosts.guardian import constant_names, ours, state_names
 from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestExec
 
@@ -61,6 +65,10 @@ KEEPALIVE_COUNT = 3
 # long once it answers again.
 RECONNECT_BACKOFF_FIRST = 0.25
 RECONNECT_BACKOFF_MAX = 2.0
+# Calls abandoned on one connection (a hung guest's) before the next calls get a new one.
+ABANDONED_BEFORE_NEW_CONNECTION = 2
+# How long a listing waits for one guest's inspection before calling it unresponsive.
+INSPECT_SECONDS = 1.0
 
 _events_lock = threading.Lock()
 _events_running = False
@@ -111,30 +119,34 @@ def _libvirt_errors(what: str) -> Iterator[None]:
         raise _translate(exc, what) from None
 
 
-class LibvirtHost:
-    """One libvirt connection per host, opened lazily under a lock and re-tested before use."""
+class _Link:
+    """One libvirt connection, opened lazily under a lock, re-tested before use, and set aside
+    once calls on it were abandoned: each call a hung guest keeps in flight holds one of the
+    connection's request slots in libvirtd (max_client_requests, 5 by default), and a full
+    connection would stall every other call on it. Set aside, it is never closed under a call
+    in flight; it closes once its last user lets go."""
 
-    def __init__(self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
-        self.uri = uri
-        self.call_timeout = call_timeout
+    def __init__(self, uri: str, remote: bool) -> None:
+        self.uri, self._remote = uri, remote
         self._conn: libvirt.virConnect | None = None
+        self._abandoned: dict[int, int] = {}  # id(connection) -> calls still in flight on it
         self._lock = threading.Lock()
-        self._state_changes = SerialCalls()
-        self._domains: dict[str, tuple[libvirt.virConnect, libvirt.virDomain]] = {}
-        self._remote = is_remote(uri)
         self._backoff = 0.0
         self._next_connect = 0.0  # time.monotonic()
         self._last_error = ""
 
-    def _connection(self) -> libvirt.virConnect:
+    def get(self) -> libvirt.virConnect:
         with self._lock:
             if self._conn is not None:
-                try:
-                    if self._conn.isAlive():
-                        return self._conn
-                except libvirt.libvirtError:
-                    pass
-                self._conn = None
+                if self._abandoned.get(id(self._conn), 0) >= ABANDONED_BEFORE_NEW_CONNECTION:
+                    self._conn = None  # set aside: a new one for the calls to come
+                else:
+                    try:
+                        if self._conn.isAlive():
+                            return self._conn
+                    except libvirt.libvirtError:
+                        pass
+                    self._conn = None
             now = time.monotonic()
             if now < self._next_connect:
                 raise HostUnavailable(
@@ -163,72 +175,189 @@ class LibvirtHost:
             self._conn = conn
             return conn
 
-    def _domain(self, uuid: str) -> libvirt.virDomain:
+    def abandoned(self, conn: libvirt.virConnect, future: Future[object]) -> None:
+        """A call on conn was given up on while it still runs."""
+        key = id(conn)
+        with self._lock:
+            self._abandoned[key] = self._abandoned.get(key, 0) + 1
+
+        def returned(_f: Future[object]) -> None:
+            with self._lock:
+                left = self._abandoned.get(key, 1) - 1
+                if left <= 0:
+                    self._abandoned.pop(key, None)
+                else:
+                    self._abandoned[key] = left
+
+        future.add_done_callback(returned)
+
+    def shut(self) -> None:
+        # A connect stuck on a hung libvirtd holds the lock: give up on it rather than hang.
+        if not self._lock.acquire(timeout=1.0):
+            return
+        try:
+            if self._conn is not None:
+                with suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+        finally:
+            self._lock.release()
+
+
+class LibvirtHost:
+    """Libvirt connections to one host, each opened lazily: one for the host's inventory
+    (listing, pings, state reads: nothing that waits on a guest's QEMU or agent), and one per
+    guest for its operations, at most one call of it in flight. A guest whose QEMU or agent
+    does not answer holds only its own lane and connection, is reported unresponsive, and never
+    delays the host's listing or another guest."""
+
+    def __init__(self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        self.uri = uri
+        self.call_timeout = call_timeout
+        self._remote = is_remote(uri)
+        self._inventory = _Link(uri, self._remote)
+        # The test driver keeps a fresh state per connection for a file URI: one connection.
+        self._one_connection = uri.startswith("test:") and uri.rstrip("/") != "test:///default"
+        self._ops: dict[str, _Link] = {}  # guest -> the connection of its operations
+        self._lanes = SerialCalls()  # one operation per guest in flight
+        self._lock = threading.Lock()
+        self._domains: dict[tuple[int, str], tuple[libvirt.virConnect, libvirt.virDomain]] = {}
+
+    def _domain(self, link: _Link, uuid: str) -> tuple[libvirt.virConnect, libvirt.virDomain]:
         """The guest's handle, looked up once per connection: every later call on it is one
         round trip instead of two (libvirt resolves a handle by its UUID on each call)."""
-        conn = self._connection()
+        conn = link.get()
+        key = (id(link), uuid)
         with self._lock:
-            cached = self._domains.get(uuid)
+            cached = self._domains.get(key)
         if cached is not None and cached[0] is conn:
-            return cached[1]
+            return cached
         with _libvirt_errors(f"guest {uuid} on {self.uri}"):
             dom = conn.lookupByUUIDString(uuid)
         with self._lock:
-            self._domains[uuid] = (conn, dom)
-        return dom
+            self._domains[key] = (conn, dom)
+        return conn, dom
 
     def _bounded(self, what: str, fn: Callable[[], T]) -> T:
         return call_with_deadline(fn, self.call_timeout, f"{what} on {self.uri}")
 
-    def _call(self, uuid: str, what: str, fn: Callable[[libvirt.virDomain], T]) -> T:
+    def _read(self, uuid: str, what: str, fn: Callable[[libvirt.virDomain], T]) -> T:
+        """An inventory read of one guest: answers even while an operation on it is stuck."""
+
         def run() -> T:
-            dom = self._domain(uuid)
+            _, dom = self._domain(self._inventory, uuid)
             with _libvirt_errors(f"{what} {dom.name()} on {self.uri}"):
                 return fn(dom)
 
         return self._bounded(f"{what} {uuid}", run)
 
-    def _state_change(self, uuid: str, what: str, fn: Callable[[libvirt.virDomain], T]) -> T:
-        """One suspend or resume per guest in flight: a later one waits for it, bounded."""
+    def _ops_link(self, uuid: str) -> _Link:
+        """The guest's own connection for its operations: libvirtd runs at most a few requests
+        of one connection at once (max_client_requests), and a guest whose QEMU hangs keeps
+        its request; on a connection of its own it can only ever hold up itself."""
+        if self._one_connection:
+            return self._inventory
+        with self._lock:
+            link = self._ops.get(uuid)
+            if link is None:
+                link = self._ops[uuid] = _Link(self.uri, self._remote)
+            return link
+
+    def _call(
+        self,
+        uuid: str,
+        what: str,
+        fn: Callable[[libvirt.virDomain], T],
+        *,
+        timeout: float | None = None,
+    ) -> T:
+        """An operation on one guest, in its lane: after any still in flight, within the call
+        timeout; one left running marks its connection for replacement."""
+        used: list[libvirt.virConnect] = []
+        link = self._ops_link(uuid)
 
         def run() -> T:
-            dom = self._domain(uuid)
+            conn, dom = self._domain(link, uuid)
+            used.append(conn)
             with _libvirt_errors(f"{what} {dom.name()} on {self.uri}"):
                 return fn(dom)
 
-        return self._state_changes.call(
-            uuid, run, self.call_timeout, f"{what} {uuid} on {self.uri}"
+        def abandoned(future: Future[object]) -> None:
+            if used:
+                link.abandoned(used[0], future)
+
+        return self._lanes.call(
+            uuid,
+            run,
+            self.call_timeout if timeout is None else timeout,
+            f"{what} {uuid} on {self.uri}",
+            abandoned=abandoned,
         )
+
+    def probe(self, uuid: str, timeout: float) -> bool:
+        def query(dom: libvirt.virDomain) -> None:
+            # virDomainGetDiskErrors asks QEMU (query-block) and changes nothing.
+            with suppress(libvirt.libvirtError):  # an error is an answer too
+                dom.diskErrors()
+
+        try:
+            self._call(uuid, "probe", query, timeout=timeout)
+        except CallTimedOut:
+            return False
+        except HypervisorError:
+            return True  # answered, e.g. the guest is gone: the listing decides
+        return True
+
+    def unresponsive(self, uuid: str) -> bool:
+        """An operation on this guest has been in flight longer than the call timeout."""
+        return self._lanes.stuck(uuid, self.call_timeout)
 
     def ping(self) -> None:
         def run() -> None:
             with _libvirt_errors(f"ping {self.uri}"):
-                self._connection().getLibVersion()
+                self._inventory.get().getLibVersion()
 
         self._bounded("ping", run)
 
     def list_guests(self) -> list[GuestInfo]:
-        def run() -> list[GuestInfo]:
-            with _libvirt_errors(f"list guests on {self.uri}"):
-                domains = self._connection().listAllDomains(0)
-            guests = []
-            for dom in domains:
-                try:
-                    guests.append(self._info(dom))
-                except GuestNotFound:
-                    continue  # undefined between the listing and the lookup
-            return guests
+        """Every guest with its state, each inspected on its own deadline: one whose inspection
+        does not come back in time, or whose operations are stuck, is listed unresponsive."""
 
-        return self._bounded("list guests", run)
+        def listing() -> list[libvirt.virDomain]:
+            with _libvirt_errors(f"list guests on {self.uri}"):
+                return list(self._inventory.get().listAllDomains(0))
+
+        domains = self._bounded("list guests", listing)
+        asked = [(dom, start_call(partial(self._info, dom), "inspect")) for dom in domains]
+        deadline = time.monotonic() + min(self.call_timeout, INSPECT_SECONDS)
+        guests = []
+        for dom, future in asked:
+            try:
+                guests.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except GuestNotFound:
+                continue  # undefined between the listing and the lookup
+            except FutureTimeout:
+                guests.append(self._unresponsive(dom))
+        return guests
+
+    @staticmethod
+    def _unresponsive(dom: libvirt.virDomain) -> GuestInfo:
+        # name() and UUIDString() are the handle's own, read without a call to libvirtd.
+        return GuestInfo(
+            uuid=dom.UUIDString(),
+            name=dom.name(),
+            state=GuestState.OTHER,
+            reason="unresponsive",
+            unresponsive=True,
+        )
 
     def guest(self, uuid: str) -> GuestInfo:
-        return self._bounded(f"inspect {uuid}", lambda: self._info(self._domain(uuid)))
+        return self._bounded(
+            f"inspect {uuid}", lambda: self._info(self._domain(self._inventory, uuid)[1])
+        )
 
     def state(self, uuid: str) -> tuple[GuestState, str]:
-        def read(dom: libvirt.virDomain) -> tuple[GuestState, str]:
-            return self._state_of(dom)
-
-        return self._call(uuid, "read state of", read)
+        return self._read(uuid, "read state of", self._state_of)
 
     @staticmethod
     def _state_of(dom: libvirt.virDomain) -> tuple[GuestState, str]:
@@ -238,12 +367,14 @@ class LibvirtHost:
     def _info(self, dom: libvirt.virDomain) -> GuestInfo:
         with _libvirt_errors(f"inspect guest on {self.uri}"):
             state, reason = self._state_of(dom)
+            uuid = dom.UUIDString()
             return GuestInfo(
-                uuid=dom.UUIDString(),
+                uuid=uuid,
                 name=dom.name(),
                 state=state,
                 reason=reason,
                 active_job=self._active_job(dom) if state is not GuestState.SHUTOFF else None,
+                unresponsive=self.unresponsive(uuid),
                 **self._metadata(dom),
             )
 
@@ -291,7 +422,7 @@ class LibvirtHost:
             dom.suspend()  # virDomainSuspend: vCPUs stop, RAM stays resident
             return True
 
-        return self._state_change(uuid, "suspend", _suspend)
+        return self._call(uuid, "suspend", _suspend)
 
     def resume(self, uuid: str) -> bool:
         def _resume(dom: libvirt.virDomain) -> bool:
@@ -307,7 +438,7 @@ class LibvirtHost:
                 raise _translate(exc, f"resume {dom.name()} on {self.uri}") from None
             return True
 
-        return self._state_change(uuid, "resume", _resume)
+        return self._call(uuid, "resume", _resume)
 
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         self._call(uuid, "set agent timeout", lambda d: d.agentSetResponseTimeout(seconds, 0))
@@ -453,13 +584,8 @@ class LibvirtHost:
         return found
 
     def close(self) -> None:
-        # A connect stuck on a hung libvirtd holds the lock: give up on it rather than hang.
-        if not self._lock.acquire(timeout=1.0):
-            return
-        try:
-            if self._conn is not None:
-                with suppress(libvirt.libvirtError):
-                    self._conn.close()
-                self._conn = None
-        finally:
-            self._lock.release()
+        self._inventory.shut()
+        with self._lock:
+            links, self._ops = list(self._ops.values()), {}
+        for link in links:
+            link.shut()

@@ -2,6 +2,11 @@
 
 controller/hosts/launcher.py starts it (or its SSH twin, controller/hosts/ssh.py) and waits for
 it; this module only knows one process and how to end it.
+
+A step ends when its main process exits: that is when the guests may come back. Output still
+arriving on its pipes (a child it left behind holds them) is not waited for; what it left in its
+process group is found afterwards (`leftovers()`) and, unless the runbook says otherwise,
+TERMed and KILLed (`end_leftovers()`), off the pause.
 """
 
 from __future__ import annotations
@@ -15,9 +20,39 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
+
+# After the main process exited, how long its last output may take to be read.
+OUTPUT_SETTLE_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A process the runbook left in its process group after its main process exited."""
+
+    pid: int
+    command: str
+
+
+def group_members(pgid: int) -> list[Leftover]:
+    """The live processes of a process group, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            if fields[0] == "Z" or int(fields[2]) != pgid:
+                continue
+            raw = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        command = raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+        found.append(Leftover(int(entry.name), command))
+    return sorted(found, key=lambda x: x.pid)
 
 
 def resolve_program(argv: list[str]) -> str | None:
@@ -108,8 +143,11 @@ class RunbookProcess:
         return self.proc.poll() is not None
 
     def result(self, outcome: RunbookOutcome | None, duration: float) -> RunbookResult:
+        """How it ended, at once: the last bytes it wrote are read if they are there within a
+        moment; a pipe a leftover child keeps open is not waited for."""
+        until = time.monotonic() + OUTPUT_SETTLE_SECONDS
         for reader in self._readers:
-            reader.join(timeout=1.0)
+            reader.join(timeout=max(0.0, until - time.monotonic()))
         code = self.proc.returncode
         if outcome is None:
             outcome = RunbookOutcome.COMPLETED if code == 0 else RunbookOutcome.FAILED
@@ -120,3 +158,29 @@ class RunbookProcess:
             stdout=self._stdout.text(),
             stderr=self._stderr.text(),
         )
+
+    def leftovers(self) -> list[Leftover]:
+        """What the runbook left running in its process group (its main process has exited)."""
+        return group_members(self.pgid) if self.proc.poll() is not None else []
+
+    def end_leftovers(self, grace: float) -> list[Leftover]:
+        """TERM what is left of the group, KILL what is still there after `grace`; then read
+        the rest of its output. Returns what was still there at the KILL."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and group_members(self.pgid):
+                time.sleep(0.05)
+        stubborn = group_members(self.pgid)
+        self.collect_output(timeout=1.0)
+        return stubborn
+
+    def collect_output(self, timeout: float) -> tuple[str, str]:
+        """The whole output, once the pipes are closed (or after `timeout`)."""
+        until = time.monotonic() + timeout
+        for reader in self._readers:
+            reader.join(timeout=max(0.0, until - time.monotonic()))
+        return self._stdout.text(), self._stderr.text()

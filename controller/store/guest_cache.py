@@ -28,12 +28,13 @@ def record_guest_states(session: Session, host_name: str, guests: Iterable[Guest
                     host_id=host.id,
                     uuid=info.uuid,
                     name=info.name,
-                    last_state=info.state.value,
+                    last_state="unresponsive" if info.unresponsive else info.state.value,
                     last_seen_at=now,
                 )
             )
         else:
-            row.name, row.last_state, row.last_seen_at = info.name, info.state.value, now
+            state = "unresponsive" if info.unresponsive else info.state.value
+            row.name, row.last_state, row.last_seen_at = info.name, state, now
     gone = [uuid for uuid in known if uuid not in seen]
     if gone:
         session.execute(delete(Guest).where(Guest.host_id == host.id, Guest.uuid.in_(gone)))

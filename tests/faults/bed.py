@@ -34,6 +34,12 @@ argv = ["sleep", "{{seconds}}"]
 timeout_seconds = 4
 [runbooks.nap.params]
 seconds = '^[0-9](\.[0-9])?$'
+[runbooks.leaves-child]
+argv = ["sh", "-c", "sleep 120 & echo started; exit 0"]
+timeout_seconds = 4
+[runbooks.quick]
+argv = ["true"]
+timeout_seconds = 4
 [runbooks.restart-libvirtd]
 argv = ["{sys.executable}", "{RESTART_SCRIPT}", "{{delay}}"]
 timeout_seconds = 4
@@ -127,6 +133,10 @@ class Sampler:
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
+
+    def reset(self) -> None:
+        """Forget the pauses seen so far (a test's next job)."""
+        self.spans = {n: [] for n in self.names}
 
     def all_paused(self) -> bool:
         return all(s and s[-1].running is None for s in self.spans.values())
