@@ -77,6 +77,7 @@ class Service:
             session_factory=self.ctx.session_factory,
             host_pings=self.host_pings,
             is_leader=self.is_leader,
+            outbox=self.ctx.outbox,
         )
         self.webhooks = WebhookSender(
             session_factory=self.ctx.session_factory,
