@@ -28,7 +28,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The database: schema (Alembic migrations), retention, space.", no_args_is_help=True
+)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 config_app = typer.Typer(help="The configuration file.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -144,6 +146,69 @@ def db_downgrade(revision: str, config: ConfigOpt = None) -> None:
 
     downgrade(_settings(config).database.url, revision)
     typer.echo(f"database is at {revision}")
+
+
+@db_app.command("prune")
+@readable_errors
+def db_prune(
+    older_than: Annotated[
+        int,
+        typer.Option(
+            "--older-than",
+            min=1,
+            help="Remove jobs that ended more than DAYS days ago, with their records",
+            metavar="DAYS",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what would be removed")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete ended jobs older than DAYS with their events, guest records and host items, in
+    short transactions (safe while the service runs); print what was removed."""
+    from datetime import timedelta
+
+    from controller.services.retention import give_back_space, prune, sqlite_space
+    from controller.store.db import make_engine, make_session_factory
+    from controller.store.models import utcnow
+
+    settings = _settings(config)
+    factory = make_session_factory(make_engine(settings.database.url))
+    cutoff = utcnow() - timedelta(days=older_than)
+    done = prune(session_factory=factory, cutoff=cutoff, dry_run=dry_run)
+    typer.echo(done.summary())
+    if dry_run:
+        return
+    freed = give_back_space(session_factory=factory)
+    if freed is not None:
+        typer.echo(f"the SQLite file gave {freed / 2**20:.1f} MiB back to the file system")
+    elif (space := sqlite_space(factory)) is not None:
+        typer.echo(
+            f"the SQLite file keeps its size ({space.free_pages} free page(s), reused by new "
+            "records): it was created without incremental auto-vacuum; `maintctl db vacuum`, "
+            "with the service stopped, converts it once"
+        )
+
+
+@db_app.command("vacuum")
+@readable_errors
+def db_vacuum(config: ConfigOpt = None) -> None:
+    """SQLite: rewrite the file whole with incremental auto-vacuum, giving every free page back
+    (stop the service first: it holds the write lock throughout)."""
+    from controller.services.retention import sqlite_space, vacuum_sqlite
+    from controller.store.db import make_engine, make_session_factory
+
+    factory = make_session_factory(make_engine(_settings(config).database.url))
+    before = sqlite_space(factory)
+    after = vacuum_sqlite(factory)
+    if before is None or after is None:
+        typer.echo("nothing to do on PostgreSQL: its autovacuum makes deleted rows' space reusable")
+        return
+    typer.echo(
+        f"vacuumed: {before.free_pages} free page(s) given back; auto_vacuum is now "
+        f"{after.auto_vacuum}"
+    )
 
 
 @token_app.command("create")

@@ -109,6 +109,9 @@ class DatabaseSettings(_Strict):
     # directory). Put it on another file system than a SQLite database, so a full disk under the
     # database does not also stop the journal.
     journal_path: Path = Path("maintctl.journal")
+    # Ended jobs older than this many days are deleted with their records by the leader
+    # (controller/services/retention.py); 0 keeps everything.
+    retention_days: int = Field(default=180, ge=0, le=36500)
 
 
 # libvirt transports that tunnel through SSH: the host is remote and reached as an SSH login.

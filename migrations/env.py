@@ -27,6 +27,10 @@ def run_migrations_online() -> None:
     assert url is not None
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Before the first table, or never: only a file created with it can give the space
+            # of deleted rows back (controller/services/retention.py). A no-op on an existing file.
+            connection.connection.dbapi_connection.execute("PRAGMA auto_vacuum=INCREMENTAL")  # type: ignore[union-attr]
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

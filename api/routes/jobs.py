@@ -19,7 +19,7 @@ from controller.decisions.rollout import RolloutPolicy
 from controller.decisions.states import JobState
 from controller.services import jobs as job_service
 from controller.services.tokens import Role
-from controller.store.models import Event, Job, utcnow
+from controller.store.models import Event, Job, current_wave, utcnow
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -48,6 +48,22 @@ IdempotencyHeader = Annotated[
 
 def job_public(job: Job) -> JobPublic:
     return JobPublic.model_validate(job)
+
+
+_JOB_COLUMNS = tuple(c.key for c in Job.__table__.columns)
+
+
+def job_listed(listed: job_service.JobListed) -> JobPublic:
+    """The same document as job_public, from a job whose guests and items were read as rows."""
+    job = listed.job
+    return JobPublic.model_validate(
+        {k: getattr(job, k) for k in _JOB_COLUMNS}
+        | {
+            "guests": listed.guests,
+            "items": listed.items,
+            "current_wave": current_wave(listed.items),
+        }
+    )
 
 
 def event_public(e: Event) -> EventPublic:
@@ -135,7 +151,7 @@ def list_jobs(
     page = job_service.list_jobs(session, state=state, host=host, limit=limit, cursor=cursor)
     if page.next_cursor is not None:
         response.headers["Link"] = _next_link(request, page.next_cursor)
-    return [job_public(j) for j in page.items]
+    return [job_listed(j) for j in job_service.with_outcomes(session, page.items)]
 
 
 def _next_link(request: Request, cursor: int) -> str:

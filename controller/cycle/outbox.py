@@ -319,6 +319,11 @@ class Outbox:
         with self._cond:
             return len(self._queue)
 
+    def journaled(self) -> int:
+        """Batches waiting in the journal file: written there because the database is away."""
+        with self._cond:
+            return sum(1 for b in self._queue if b.journaled)
+
     def progress(self) -> tuple[int, int]:
         """(batches submitted, batches done) so far: a reader that saw the same pair before and
         after reading the database, with nothing queued, read a picture no record was changing."""

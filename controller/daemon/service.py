@@ -2,7 +2,7 @@
 
 Assembled here, and only here: the runtime (controller/cycle/runtime.py), the scheduler
 (timers, sweep, claims), the notice publisher, the webhook sender, the metrics, the window jobs
-and the token-use stamper, with one leadership (controller/work/leader.py) and one answer to "does
+the token-use stamper and the retention pass, with one leadership (controller/work/leader.py) and one answer to "does
 this replica lead?" (`is_leader`) for all of them. api/ builds HTTP apps on top of a Service;
 it starts and stops it, and wires nothing.
 """
@@ -14,6 +14,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from controller.cycle.runtime import Runtime
+from controller.daemon.pruning import Pruner
 from controller.daemon.publisher import NoticePublisher
 from controller.daemon.scheduler import MaintenanceScheduler
 from controller.daemon.window_jobs import WindowJobs
@@ -76,17 +77,24 @@ class Service:
             session_factory=self.ctx.session_factory,
             host_pings=self.host_pings,
             is_leader=self.is_leader,
+            outbox=self.ctx.outbox,
         )
         self.webhooks = WebhookSender(
             session_factory=self.ctx.session_factory,
             webhooks=settings.webhooks,
             is_leader=self.is_leader,
         )
+        self.pruner = Pruner(
+            session_factory=self.ctx.session_factory,
+            retention_days=settings.database.retention_days,
+            is_leader=self.is_leader,
+        )
         self._stop = threading.Event()
         self._stamper = threading.Thread(target=self._stamp_token_uses, name="token-uses")
 
     def is_leader(self) -> bool:
-        """The one leadership check of this replica (timers, sweep, publisher, webhooks)."""
+        """The one leadership check of this replica (timers, sweep, publisher, webhooks,
+        retention)."""
         return self._leadership is not None and self._leadership.is_leader
 
     def approved(self, job_id: int) -> None:
@@ -105,6 +113,7 @@ class Service:
             self._leadership.start(on_gain=self._lead, on_loss=self.scheduler.follow)
             self.publisher.start()
             self.webhooks.start()  # sends only while this replica leads
+            self.pruner.start()  # prunes only while this replica leads
         self._stamper.start()
 
     def _lead(self) -> None:
@@ -115,6 +124,7 @@ class Service:
         if self._stamper.is_alive():
             self._stamper.join(timeout=5)
         if self.background:
+            self.pruner.stop()
             self.publisher.stop()
             self.scheduler.shutdown()
             if self._leadership is not None:

@@ -38,6 +38,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Transactions are begun by _sqlite_begin, not by the driver.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    # Only takes on a new file, and only before WAL is set (migrations/env.py does it for files
+    # Alembic creates): deleted rows' pages can then be given back (services/retention.py).
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,8 +141,13 @@ class Job(Base):
     @property
     def current_wave(self) -> int | None:
         """The update domain being maintained now, if any."""
-        held = [i.wave for i in self.items if i.state in ("notifying", "running")]
-        return min(held) if held else None
+        return current_wave(self.items)
+
+
+def current_wave(items: Iterable[Any]) -> int | None:
+    """The update domain being maintained now among a job's items (rows or objects), if any."""
+    held = [i.wave for i in items if i.state in ("notifying", "running")]
+    return min(held) if held else None
 
 
 class JobGuest(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 import pytest
@@ -181,3 +182,97 @@ def test_clock_skew_of_real_guests_is_counted_as_an_absolute_value(tmp_path, bed
         assert value(m, "maintctl_host_reachable", host="local") == 1
     finally:
         svc.stop()
+
+
+def test_the_gauges_alerts_need(db_url, tmp_path):
+    """Guests over budget now, guests of recent jobs resume_pending or flagged, guardian
+    rescues, the outbox, and the process (deploy/prometheus/maintctl-alerts.yml uses them)."""
+    from datetime import timedelta
+
+    from controller.cycle.outbox import Outbox
+    from controller.store.models import JobGuest, utcnow
+
+    h = make_harness(db_url, make_settings([{"name": "h1", "uri": TEST_URI}]))
+    pings = HostPings(h.ctx.hypervisors)
+    outbox = Outbox(h.session_factory, tmp_path / "journal")
+    metrics = ServiceMetrics(
+        session_factory=h.session_factory, host_pings=pings, is_leader=bool, outbox=outbox
+    )
+    now = utcnow()
+    try:
+        with unit_of_work(h.session_factory) as s:
+            running = Job(runbook="noop", pause_budget_seconds=2.0, state="running")
+            recent = Job(runbook="noop", pause_budget_seconds=30.0, state="failed")
+            old = Job(runbook="noop", pause_budget_seconds=30.0, state="failed")
+            recent.finished_at, old.finished_at = now - timedelta(hours=2), now - timedelta(days=3)
+            s.add_all([running, recent, old])
+            s.flush()
+            for n, age in enumerate((10.0, 0.5)):  # one past its 2 s budget, one not yet
+                s.add(
+                    PauseIntent(
+                        job_id=running.id,
+                        host="h1",
+                        host_uri=TEST_URI,
+                        guest=f"g{n}",
+                        guest_uuid=f"u{n}",
+                        created_at=now - timedelta(seconds=age),
+                    )
+                )
+            statuses = [(recent, "resume_pending"), (recent, "flagged"), (recent, "flagged")]
+            statuses += [(old, "flagged")] * 5 + [(running, "resumed")]
+            for n, (job, status) in enumerate(statuses):
+                s.add(
+                    JobGuest(
+                        job_id=job.id, host="h1", guest=f"x{n}", guest_uuid=f"x{n}", status=status
+                    )
+                )
+        metrics.start()
+        with unit_of_work(h.session_factory) as s:
+            e = {"job_id": running.id, "host": "h1"}
+            record_event(s, "guest_resumed", guest="g7", pause_ms=900.0, by_guardian=True, **e)
+            record_event(s, "guest_resumed", guest="g8", pause_ms=900.0, by_guardian=False, **e)
+        m = samples(metrics.render().decode())
+        assert value(m, "maintctl_guests_paused") == 2
+        assert value(m, "maintctl_guests_over_budget") == 1
+        assert value(m, "maintctl_job_guests", status="resume_pending") == 1
+        assert value(m, "maintctl_job_guests", status="flagged") == 2  # not the old job's 5
+        assert value(m, "maintctl_guardian_resumes_total") == 1
+        assert value(m, "maintctl_outbox_backlog_batches") == 0
+        assert value(m, "maintctl_outbox_journaled_batches") == 0
+        assert value(m, "maintctl_database_up") == 1
+        assert value(m, "maintctl_process_threads") >= 2
+        assert value(m, "process_resident_memory_bytes") > 10 * 2**20
+        assert value(m, "process_open_fds") > 3
+    finally:
+        outbox.close()
+        pings.close()
+        h.ctx.close()
+
+
+def test_a_scrape_while_the_database_is_away_still_answers(tmp_path):
+    """No database: the scrape says so (maintctl_database_up 0) and serves what needs none."""
+    from controller.cycle.outbox import AddEvent, Outbox
+    from controller.hosts.hypervisor import HypervisorPool
+    from controller.store.db import make_engine, make_session_factory
+    from controller.store.models import utcnow
+
+    away = make_session_factory(make_engine("postgresql+psycopg://x:y@127.0.0.1:9/none"))
+    pings = HostPings(HypervisorPool(lambda uri: None))
+    outbox = Outbox(away, tmp_path / "journal", retry_seconds=0.05)
+    metrics = ServiceMetrics(
+        session_factory=away, host_pings=pings, is_leader=lambda: True, outbox=outbox
+    )
+    try:
+        outbox.submit(AddEvent("guest_resumed", "a record", utcnow()))
+        deadline = time.monotonic() + 10
+        while outbox.journaled() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m = samples(metrics.render().decode())
+        assert value(m, "maintctl_database_up") == 0
+        assert value(m, "maintctl_leader") == 1
+        assert value(m, "maintctl_outbox_journaled_batches") == 1
+        assert value(m, "maintctl_outbox_backlog_batches") == 1
+        assert ("maintctl_guests_paused", frozenset()) not in m
+    finally:
+        outbox.close(timeout=0.1)
+        pings.close()
