@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from controller.decisions.host_uris import is_test_driver, uri_problem
 from controller.errors import ConfigError, RunbookParamError
 
 DEFAULT_CONFIG_PATH = Path("/etc/maintctl/maintctl.toml")
@@ -171,6 +172,18 @@ class SshConfig(_Strict):
             raise ValueError("must be a host name or an IP address")
         return value
 
+    @field_validator("local_uri")
+    @classmethod
+    def _local_uri_allowed(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = uri_problem(value, origin="config", allow_test_driver=False)
+        if problem is None and uri_transport(value) not in (None, "unix"):
+            problem = "must be the host's own libvirt (qemu:///system, qemu:///session)"
+        if problem is not None:
+            raise ValueError(f"{value} {problem}")
+        return value
+
 
 class HostConfig(_Strict):
     name: Name
@@ -182,6 +195,15 @@ class HostConfig(_Strict):
     # Off only for hosts without a guest agent (libvirt's test driver): the outcome is "disabled".
     sync_clock: bool = True
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_allowed(cls, value: str) -> str:
+        # The test driver's allowance is the settings' (Settings._test_driver_allowed).
+        problem = uri_problem(value, origin="config", allow_test_driver=True)
+        if problem is not None:
+            raise ValueError(f"{value} {problem}")
+        return value
 
     @property
     def over_ssh(self) -> bool:
@@ -401,6 +423,9 @@ class MaintenanceSettings(_Strict):
     # A job's notice, unless it asks for its own: its Scheduled Events are published this long
     # before its first pause (the Freeze notice of the metadata service); 0 starts at once.
     notice_seconds: float = Field(default=900.0, ge=0, le=86400)
+    # libvirt's test driver (test:///default, test:///PATH.xml) as a host: tests and benchmarks
+    # only. Off, any test:// URI is refused, from the config file and the API alike.
+    allow_test_driver: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> MaintenanceSettings:
@@ -586,6 +611,16 @@ class Settings(BaseSettings):
         if twice:
             raise ValueError(f"webhook {twice[0]!r} is declared twice")
         return webhooks
+
+    @model_validator(mode="after")
+    def _test_driver_allowed(self) -> Settings:
+        if self.maintenance.allow_test_driver:
+            return self
+        for host in self.hosts:
+            if is_test_driver(host.uri):
+                problem = uri_problem(host.uri, origin="config", allow_test_driver=False)
+                raise ValueError(f"host {host.name!r}: uri {host.uri} {problem}")
+        return self
 
     @model_validator(mode="after")
     def _guardian_on_remote_hosts(self) -> Settings:

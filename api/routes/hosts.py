@@ -41,7 +41,12 @@ def add_host(
     fields = body.model_dump(mode="json", exclude={"ssh"})
     ssh = None if body.ssh is None else body.ssh.model_dump(mode="json", exclude_none=True)
     host = inventory.add_host(
-        session, **fields, ssh=ssh, guardian=settings.maintenance.guardian, actor=who.name
+        session,
+        **fields,
+        ssh=ssh,
+        guardian=settings.maintenance.guardian,
+        allow_test_driver=settings.maintenance.allow_test_driver,
+        actor=who.name,
     )
     return _public(host)
 

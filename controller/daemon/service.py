@@ -17,6 +17,7 @@ from controller.cycle.runtime import Runtime
 from controller.daemon.publisher import NoticePublisher
 from controller.daemon.scheduler import MaintenanceScheduler
 from controller.daemon.window_jobs import WindowJobs
+from controller.decisions.host_uris import uri_problem
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
 from controller.services.inventory import sync_config_hosts
@@ -38,9 +39,12 @@ def libvirt_runtime(settings: Settings) -> Runtime:
     from controller.hosts.libvirt_host import LibvirtHost
 
     timeout = settings.maintenance.libvirt_call_timeout_seconds
+    allow_test = settings.maintenance.allow_test_driver
 
     def connect(uri: str) -> Hypervisor:
-        return LibvirtHost(uri, call_timeout=timeout)
+        # Hosts stored before the allow-list existed are checked again here, at the last step.
+        refused = uri_problem(uri, origin="config", allow_test_driver=allow_test)
+        return LibvirtHost(uri, call_timeout=timeout, refused=refused)
 
     return Runtime(
         settings=settings,

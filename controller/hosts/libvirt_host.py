@@ -114,9 +114,14 @@ def _libvirt_errors(what: str) -> Iterator[None]:
 class LibvirtHost:
     """One libvirt connection per host, opened lazily under a lock and re-tested before use."""
 
-    def __init__(self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT, refused: str | None = None
+    ) -> None:
+        """`refused`: why this URI may not be opened at all (the host URI allow-list); every
+        call then fails without libvirt ever seeing it."""
         self.uri = uri
         self.call_timeout = call_timeout
+        self._refused = refused
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._state_changes = SerialCalls()
@@ -135,6 +140,8 @@ class LibvirtHost:
                 except libvirt.libvirtError:
                     pass
                 self._conn = None
+            if self._refused is not None:
+                raise HostUnavailable(f"cannot connect to {self.uri}: refused, it {self._refused}")
             now = time.monotonic()
             if now < self._next_connect:
                 raise HostUnavailable(

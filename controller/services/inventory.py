@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.decisions.guests import GuestInfo
+from controller.decisions.host_uris import uri_problem
 from controller.decisions.states import ACTIVE, PENDING
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
@@ -92,11 +93,20 @@ def add_host(
     labels: dict[str, str] | None = None,
     ssh: dict[str, Any] | None = None,
     guardian: bool = True,
+    allow_test_driver: bool = False,
 ) -> Host:
     """A host managed through the API (source "api"); config-file hosts come from sync_config_hosts.
 
     The same rules as a config-file host (HostConfig): patch_via "ssh" needs the ssh section, and
-    so does a uri reached over SSH while the guardian is on (it must run on the host)."""
+    so does a uri reached over SSH while the guardian is on (it must run on the host). Its URIs
+    pass the allow-list as the API's (controller/decisions/host_uris.py): stricter than the
+    config file's, which alone may name a socket, a netcat or a test driver file."""
+    for what, value in (("uri", uri), ("ssh.local_uri", (ssh or {}).get("local_uri"))):
+        if not isinstance(value, str):
+            continue
+        problem = uri_problem(value, origin="api", allow_test_driver=allow_test_driver)
+        if problem is not None:
+            raise InvalidRequest(f"host {name!r}: {what} {value} {problem}")
     if session.scalars(select(Host).where(Host.name == name)).one_or_none() is not None:
         raise Conflict(f"host {name!r} already exists")
     try:

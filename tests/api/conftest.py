@@ -85,6 +85,8 @@ def api(db_url, test_driver) -> Iterator[Api]:
 
 
 PROBLEM = "application/problem+json"
+# A host the API accepts that never answers: nothing listens on port 1.
+UNREACHABLE_URI = "qemu+tls://127.0.0.1:1/system"
 
 
 def assert_problem(r, status: int, *fragments: str) -> dict:

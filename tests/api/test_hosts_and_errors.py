@@ -2,6 +2,8 @@
 
 import pytest
 
+from tests.api.conftest import UNREACHABLE_URI
+
 PROBLEM = "application/problem+json"
 
 
@@ -49,7 +51,7 @@ def test_healthz_names_an_unreachable_host(api):
     api.post(
         "/api/v1/hosts",
         role="admin",
-        json={"name": "gone", "uri": "qemu+unix:///system?socket=/nonexistent"},
+        json={"name": "gone", "uri": UNREACHABLE_URI},
     )
     r = api.client.get("/healthz").json()
     assert r["status"] == "degraded" and r["hosts"]["gone"].startswith("unreachable")

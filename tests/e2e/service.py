@@ -24,6 +24,7 @@ journal_path = "{journal}"
 [maintenance]
 guardian = {guardian}
 reconcile_interval_seconds = 1.0
+allow_test_driver = true
 {maintenance}
 {hosts}
 [runbooks.sleep]
