@@ -122,6 +122,7 @@ def create_app(
         dependencies=[Depends(authorize)],
     )
     app.state.service = service
+    app.state.readiness = health.Readiness()
     problems.install(app)
     for module in (health, hosts, runbooks, jobs, events, tokens, metrics, windows):
         app.include_router(module.router)

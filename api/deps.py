@@ -27,6 +27,8 @@ from controller.store.models import utcnow
 
 ROLE_KEY = "x-required-role"
 LOGIN_FORM_KEY = "x-login-form"
+# A public route that also tells who calls it when a token comes along (/healthz: details).
+IDENTIFY_KEY = "x-identifies-callers"
 PUBLIC = "none"
 ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only when auth is off, which only loopback allows
 # A route that also answers, without a token, the addresses in [server] metrics_allow.
@@ -38,12 +40,18 @@ READ_METHODS = ("GET", "HEAD")
 bearer = HTTPBearer(auto_error=False, description="An API token: maintctl token create")
 
 
-def requires(role: Role | None, *, login_form: bool = False) -> dict[str, Any]:
-    """Route kwargs that declare who may call it; None means public (healthz only). A page for
-    browsers asks for login_form: its 401 is the login form (LoginRequired) instead of a problem."""
+def requires(
+    role: Role | None, *, login_form: bool = False, identify: bool = False
+) -> dict[str, Any]:
+    """Route kwargs that declare who may call it; None means public (healthz, the login form). A
+    page for browsers asks for login_form: its 401 is the login form (LoginRequired) instead of
+    a problem. A public route may identify: a token sent along is checked (401 if wrong) and its
+    principal handed to the route (CallerDep); without one the caller is None."""
     extra: dict[str, Any] = {ROLE_KEY: PUBLIC if role is None else role.value}
     if login_form:
         extra[LOGIN_FORM_KEY] = True
+    if identify:
+        extra[IDENTIFY_KEY] = True
     return {"openapi_extra": extra}
 
 
@@ -108,18 +116,39 @@ def authorize(
     required = extra.get(ROLE_KEY)
     if required is None:
         raise HTTPException(403, "this route declares no role: denied by default")
+    request.state.caller = None
     if required == PUBLIC:
         request.state.principal = ANONYMOUS
+        if extra.get(IDENTIFY_KEY) and (credentials is not None or not _auth_on(request)):
+            request.state.caller = _identify(request, credentials, HTTPException)
         return
-    ctx = get_ctx(request)
-    if not ctx.settings.server.auth:
-        request.state.principal = ANONYMOUS
+    if not _auth_on(request):
+        request.state.principal = request.state.caller = ANONYMOUS
         return
-    if extra.get(SCRAPER_KEY) and _allowed_scraper(request, ctx.settings):
+    if extra.get(SCRAPER_KEY) and _allowed_scraper(request, get_settings(request)):
         request.state.principal = SCRAPER
         return
-    challenge = {"WWW-Authenticate": "Bearer"}
     unauthenticated = LoginRequired if extra.get(LOGIN_FORM_KEY) else HTTPException
+    principal = _identify(request, credentials, unauthenticated)
+    if not principal.role.allows(Role(required)):
+        raise HTTPException(403, f"role {principal.role.value} may not do this; needs {required}")
+    request.state.principal = request.state.caller = principal
+
+
+def _auth_on(request: Request) -> bool:
+    return get_settings(request).server.auth
+
+
+def _identify(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None,
+    unauthenticated: type[HTTPException],
+) -> Principal:
+    """The principal of a bearer token, or of a session cookie on a read; 401 otherwise."""
+    ctx = get_ctx(request)
+    if not ctx.settings.server.auth:
+        return ANONYMOUS
+    challenge = {"WWW-Authenticate": "Bearer"}
     cookie = request.cookies.get(SESSION_COOKIE)
     if credentials is None and cookie and request.method in READ_METHODS:
         principal = _session_principal(ctx, cookie)
@@ -133,9 +162,7 @@ def authorize(
         if principal is None:
             raise unauthenticated(401, "invalid or revoked token", headers=challenge)
     get_token_uses(request).note(principal, utcnow())  # written later, off the request path
-    if not principal.role.allows(Role(required)):
-        raise HTTPException(403, f"role {principal.role.value} may not do this; needs {required}")
-    request.state.principal = principal
+    return principal
 
 
 def _session_principal(ctx: Runtime, cookie: str) -> Principal | None:
@@ -149,6 +176,12 @@ def get_principal(request: Request) -> Principal:
     return principal
 
 
+def get_caller(request: Request) -> Principal | None:
+    """Who called, on a route that identifies callers; None: nobody said."""
+    caller: Principal | None = getattr(request.state, "caller", None)
+    return caller
+
+
 # scope="function": the commit runs before the response is sent, so a failed commit answers
 # 503 instead of following a 2xx the client already has.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -157,3 +190,4 @@ CtxDep = Annotated[Runtime, Depends(get_ctx)]
 SchedulerDep = Annotated[MaintenanceScheduler, Depends(get_scheduler)]
 HostPingsDep = Annotated[HostPings, Depends(get_host_pings)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+CallerDep = Annotated[Principal | None, Depends(get_caller)]

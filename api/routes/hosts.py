@@ -22,13 +22,13 @@ def list_hosts(session: SessionDep) -> list[HostPublic]:
 
 
 @router.get("/{name}", response_model=HostDetail, **requires(Role.VIEWER))
-def get_host(name: str, session: SessionDep, ctx: CtxDep) -> HostDetail:
-    """One host with its guests, read live from libvirt."""
+def get_host(name: str, session: SessionDep, ctx: CtxDep, who: PrincipalDep) -> HostDetail:
+    """One host with its guests, read live from libvirt (libvirt's error text: admins only)."""
     listing = inventory.inspect_host(session, ctx.hypervisors, name=name)
     return HostDetail(
         **_public(listing.host).model_dump(),
         reachable=listing.error is None,
-        error=listing.error,
+        error=listing.error_for(admin=who.role.allows(Role.ADMIN)),
         guests=[GuestPublic.model_validate(g) for g in listing.guests],
     )
 

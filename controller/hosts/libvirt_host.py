@@ -45,6 +45,14 @@ _UNSUPPORTED = {
 }
 _AGENT_DOWN = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_TIMEOUT}
 _HOST_DOWN = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+# The host answered and said no: its authentication or access control.
+_REFUSED = {
+    libvirt.VIR_ERR_AUTH_FAILED,
+    libvirt.VIR_ERR_AUTH_CANCELLED,
+    libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    libvirt.VIR_ERR_ACCESS_DENIED,
+    libvirt.VIR_ERR_OPERATION_DENIED,
+}
 _CONTROL_BUSY = {
     libvirt.VIR_DOMAIN_CONTROL_OCCUPIED: "monitor_busy",
     libvirt.VIR_DOMAIN_CONTROL_ERROR: "control_error",
@@ -100,6 +108,8 @@ def _translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
         return Unsupported(message, code=code)
     if code in _HOST_DOWN or "socket is closed" in message:
         return HostUnavailable(message, code=code)
+    if code in _REFUSED:
+        return HypervisorError(message, code=code, category="refused")
     return HypervisorError(message, code=code)
 
 
@@ -141,7 +151,10 @@ class LibvirtHost:
                     pass
                 self._conn = None
             if self._refused is not None:
-                raise HostUnavailable(f"cannot connect to {self.uri}: refused, it {self._refused}")
+                raise HostUnavailable(
+                    f"cannot connect to {self.uri}: refused, it {self._refused}",
+                    category="refused",
+                )
             now = time.monotonic()
             if now < self._next_connect:
                 raise HostUnavailable(
@@ -159,9 +172,11 @@ class LibvirtHost:
                     )
                     self._next_connect = time.monotonic() + self._backoff
                 self._last_error = exc.get_error_message() or str(exc)
+                code = exc.get_error_code()
                 raise HostUnavailable(
                     f"cannot connect to {self.uri}: {self._last_error}",
-                    code=exc.get_error_code(),
+                    code=code,
+                    category="refused" if code in _REFUSED else None,
                 ) from None
             self._backoff, self._next_connect = 0.0, 0.0
             if self._remote:

@@ -67,7 +67,13 @@ def get_host(session: Session, name: str) -> Host:
 class HostListing:
     host: Host
     guests: list[GuestInfo]  # by name; empty when libvirt did not answer
-    error: str | None  # why libvirt did not answer
+    error: str | None  # why libvirt did not answer, in its words: for admins only
+    error_category: str | None = None  # the same as one of HOST_PROBLEM_CATEGORIES
+
+    def error_for(self, *, admin: bool) -> str | None:
+        """libvirt's words can quote a host's files (a test driver's node file, a socket path):
+        everyone but an admin reads only the category."""
+        return self.error if admin else self.error_category
 
 
 def inspect_host(session: Session, hypervisors: HypervisorPool, *, name: str) -> HostListing:
@@ -77,7 +83,7 @@ def inspect_host(session: Session, hypervisors: HypervisorPool, *, name: str) ->
     try:
         guests = hypervisors.get(host.uri).list_guests()
     except HypervisorError as exc:
-        return HostListing(host, [], str(exc))
+        return HostListing(host, [], str(exc), exc.category)
     return HostListing(host, sorted(guests, key=lambda g: g.name), None)
 
 
