@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api import problems
+from api import docs_pages, problems
 from api.deps import PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
 from api.metadata import MetadataListener, create_metadata_app
@@ -27,6 +27,7 @@ from api.routes import (
     tokens,
     windows,
 )
+from api.security_headers import SecurityHeaders
 from controller.cycle.runtime import Runtime
 from controller.daemon.service import Service
 from controller.settings import Settings
@@ -120,6 +121,8 @@ def create_app(
         description="Memory-preserving host maintenance for libvirt/KVM.",
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
+        docs_url=None,  # FastAPI's own pages load their script from a CDN: api/docs_pages.py
+        redoc_url=None,
     )
     app.state.service = service
     app.state.readiness = health.Readiness()
@@ -127,9 +130,12 @@ def create_app(
     for module in (health, hosts, runbooks, jobs, events, tokens, metrics, windows):
         app.include_router(module.router)
     dashboard.install(app)
+    if settings.server.docs:
+        docs_pages.install(app)
     _check_every_route_declares_a_role(app)
     app.add_middleware(InputScreen)
     app.add_middleware(BodyLimit)  # added last but one, so it runs before InputScreen
+    app.add_middleware(SecurityHeaders)  # on every answer, the middlewares' own too
     app.add_middleware(RequestDurations, metrics=service.metrics)  # outermost: times it all
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -71,6 +71,8 @@ class ServerSettings(_Strict):
     auth: bool = True
     # Addresses (CIDR) allowed to read GET /metrics without a token; empty: a viewer token only.
     metrics_allow: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256)
+    # /docs (Swagger UI, its assets served from the installed package); false leaves it out.
+    docs: bool = True
 
     @field_validator("bind")
     @classmethod

@@ -206,13 +206,24 @@ async def login(request: Request) -> Response:
     "/dashboard/logout",
     status_code=303,
     response_class=RedirectResponse,
-    responses={303: {"description": "The session cookie is cleared; on to the login form"}},
+    responses={
+        303: {"description": "The session cookie is cleared; on to the login form"},
+        403: {"content": {"text/html": {}}, "description": "Posted from another site"},
+    },
     **requires(None),
 )
-def logout() -> Response:
-    """Forget the session cookie."""
+def logout(request: Request) -> Response:
+    """Forget the session cookie (only when asked from the dashboard's own page)."""
+    if not _same_origin(request):
+        return _page("login.html", 403, error="Log out from the dashboard's own page.")
     response = RedirectResponse("/dashboard/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return response
 
 
@@ -223,9 +234,13 @@ def _open(session_factory: sessionmaker[Session], token: str) -> str | None:
 
 
 def _same_origin(request: Request) -> bool:
-    """A login posted from another site is refused (no login CSRF); no Origin header is fine."""
+    """A login or logout posted from another site is refused (no CSRF): its Origin must be this
+    server, and the browser must not say it came from elsewhere (Sec-Fetch-Site). A client that
+    sends neither (curl, a script) is not a browser being abused."""
     origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        return False
+    return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
 def _static(name: str, media_type: str) -> Response:
