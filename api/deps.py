@@ -151,7 +151,7 @@ def _identify(
     challenge = {"WWW-Authenticate": "Bearer"}
     cookie = request.cookies.get(SESSION_COOKIE)
     if credentials is None and cookie and request.method in READ_METHODS:
-        principal = _session_principal(ctx, cookie)
+        principal = _session_principal(ctx, get_service(request).session_key, cookie)
         if principal is None:
             raise unauthenticated(401, "the session expired or its token was revoked: log in")
     elif credentials is None or credentials.scheme.lower() != "bearer":
@@ -165,10 +165,10 @@ def _identify(
     return principal
 
 
-def _session_principal(ctx: Runtime, cookie: str) -> Principal | None:
+def _session_principal(ctx: Runtime, key: bytes, cookie: str) -> Principal | None:
     """A dashboard session (controller/services/browser_sessions.py): a viewer, reads only."""
     with unit_of_work(ctx.session_factory, read_only=True) as s:
-        return session_principal(s, cookie, now=utcnow())
+        return session_principal(s, cookie, key=key, now=utcnow())
 
 
 def get_principal(request: Request) -> Principal:

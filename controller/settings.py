@@ -65,6 +65,25 @@ def _bind_port(bind: str) -> int:
     return int(bind.rpartition(":")[2])
 
 
+# Secrets that sign or derive credentials: shorter ones can be guessed offline from one value.
+MIN_SECRET_BYTES = 32
+EXAMPLE_SECRETS = frozenset({"change-me-to-32-random-bytes", "change-me-to-32-random-bytes!!!!"})
+
+
+def _long_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is None:
+        return None
+    raw = value.get_secret_value()
+    if raw in EXAMPLE_SECRETS:
+        raise ValueError("is the example's secret: make one of your own")
+    if len(raw.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"is shorter than {MIN_SECRET_BYTES} bytes: make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return value
+
+
 class ServerSettings(_Strict):
     bind: str = "127.0.0.1:8080"
     # Deny by default: turning auth off is allowed only on a loopback bind.
@@ -73,6 +92,17 @@ class ServerSettings(_Strict):
     metrics_allow: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256)
     # /docs (Swagger UI, its assets served from the installed package); false leaves it out.
     docs: bool = True
+    # Signs the dashboard's session cookies; nothing in the database can forge one. Unset: a
+    # random secret kept in session_secret_file, made (0600) at the first start. Replicas behind
+    # one address share one: set it here, or give them the same file.
+    session_secret: SecretStr | None = None
+    # Default: maintctl.secret beside the outbox journal (database.journal_path's directory).
+    session_secret_file: Path | None = None
+
+    @field_validator("session_secret")
+    @classmethod
+    def _session_secret_long(cls, value: SecretStr | None) -> SecretStr | None:
+        return _long_secret(value)
 
     @field_validator("bind")
     @classmethod
@@ -485,6 +515,11 @@ class MetadataSettings(_Strict):
     def _bind_is_host_port(cls, value: str | None) -> str | None:
         return None if value is None else _host_port(value)
 
+    @field_validator("token_secret")
+    @classmethod
+    def _token_secret_long(cls, value: SecretStr | None) -> SecretStr | None:
+        return _long_secret(value)
+
     @property
     def host(self) -> str:
         assert self.bind is not None
@@ -594,6 +629,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file arrives as init kwargs; the environment overrides it.
         return (env_settings, init_settings)
+
+    @property
+    def session_secret_path(self) -> Path:
+        """Where the dashboard's session secret is kept when server.session_secret is unset."""
+        return self.server.session_secret_file or self.database.journal_path.parent / (
+            "maintctl.secret"
+        )
 
     @field_validator("hosts")
     @classmethod

@@ -19,7 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import HostPingsDep, LoginRequired, SessionDep, SettingsDep, get_ctx, requires
+from api.deps import (
+    HostPingsDep,
+    LoginRequired,
+    SessionDep,
+    SettingsDep,
+    get_service,
+    requires,
+)
 from api.pause_chart import pause_chart
 from api.schemas import DashboardPublic
 from controller.hosts.host_pings import HostPings
@@ -181,7 +188,8 @@ async def login(request: Request) -> Response:
     token = form.get("token", "").strip()
     if not token or len(token) > MAX_SECRET_LENGTH:
         return _page("login.html", 422, error="Paste an API token.")
-    opened = await run_in_threadpool(_open, get_ctx(request).session_factory, token)
+    service = get_service(request)
+    opened = await run_in_threadpool(_open, service.ctx.session_factory, service.session_key, token)
     if opened is None:
         return _page(
             "login.html",
@@ -227,9 +235,9 @@ def logout(request: Request) -> Response:
     return response
 
 
-def _open(session_factory: sessionmaker[Session], token: str) -> str | None:
+def _open(session_factory: sessionmaker[Session], key: bytes, token: str) -> str | None:
     with unit_of_work(session_factory, read_only=True) as s:
-        opened = open_session(s, token, now=utcnow())
+        opened = open_session(s, token, key=key, now=utcnow())
     return None if opened is None else opened[1]
 
 

@@ -20,6 +20,7 @@ from controller.daemon.window_jobs import WindowJobs
 from controller.decisions.host_uris import uri_problem
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
+from controller.services.browser_sessions import session_key
 from controller.services.inventory import sync_config_hosts
 from controller.services.metrics import ServiceMetrics
 from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
@@ -76,6 +77,7 @@ class Service:
         self.window_jobs = WindowJobs(self.ctx, arm=self.scheduler.arm)
         self.host_pings = HostPings(self.ctx.hypervisors)  # health's own threads, not ctx.pool
         self.token_uses = TokenUses()
+        self.session_key = session_key(settings)  # signs the dashboard's sessions
         self.metrics = ServiceMetrics(
             session_factory=self.ctx.session_factory,
             host_pings=self.host_pings,

@@ -114,7 +114,7 @@ def service(tmp_path):
 bind = "127.0.0.1:{mport}"
 grace_seconds = 2
 publish_interval_seconds = 0.2
-token_secret = "a-secret-for-the-tests-only"
+token_secret = "a-secret-for-the-tests-only-32-bytes"
 [metadata.source_addresses]
 "127.0.0.1" = "web-a"
 "127.0.0.3" = "db-c"
