@@ -12,7 +12,8 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api import docs_pages, problems
-from api.deps import PUBLIC, ROLE_KEY, authorize
+from api.auth_throttle import FailedAuth
+from api.deps import IDENTIFY_KEY, PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
 from api.metadata import MetadataListener, create_metadata_app
 from api.request_metrics import RequestDurations
@@ -42,8 +43,11 @@ ERROR_STATUSES = {
     "409": "Conflict with the current state",
     "413": "Request body too large",
     "422": "Invalid request",
+    "429": "Too many failed authentications from this address (Retry-After says how long)",
     "503": "A host or the database is unavailable",
 }
+# What a public route that identifies callers (a token is optional) may also answer.
+IDENTIFYING_STATUSES = ("401", "429", "503")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -60,10 +64,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for op in path_item.values():
             responses = op.setdefault("responses", {})
             public = op.get(ROLE_KEY) == PUBLIC
+            shown = IDENTIFYING_STATUSES if op.get(IDENTIFY_KEY) else ("503",)
             # What the route documents itself stays; FastAPI's generated 422 is not the route's.
             own = set(responses) - {"422"}
             for status, text in ERROR_STATUSES.items():
-                if public and status != "503":
+                if public and status not in shown:
                     continue
                 if status in own:
                     continue
@@ -126,6 +131,7 @@ def create_app(
     )
     app.state.service = service
     app.state.readiness = health.Readiness()
+    app.state.failed_auth = FailedAuth()
     problems.install(app)
     for module in (health, hosts, runbooks, jobs, events, tokens, metrics, windows):
         app.include_router(module.router)

@@ -15,6 +15,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.auth_throttle import FailedAuth
 from controller.cycle.runtime import Runtime
 from controller.daemon.scheduler import MaintenanceScheduler
 from controller.daemon.service import Service
@@ -150,19 +151,42 @@ def _identify(
         return ANONYMOUS
     challenge = {"WWW-Authenticate": "Bearer"}
     cookie = request.cookies.get(SESSION_COOKIE)
-    if credentials is None and cookie and request.method in READ_METHODS:
+    session_read = credentials is None and cookie and request.method in READ_METHODS
+    if not session_read and (credentials is None or credentials.scheme.lower() != "bearer"):
+        raise unauthenticated(401, "missing bearer token", headers=challenge)
+    throttle, source = get_failed_auth(request), client_address(request)
+    wait = throttle.retry_after(source)
+    if wait is not None:
+        raise HTTPException(
+            429,
+            f"too many failed authentications from {source}: retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+    if session_read:
+        assert cookie is not None
         principal = _session_principal(ctx, get_service(request).session_key, cookie)
         if principal is None:
+            throttle.failed(source)
             raise unauthenticated(401, "the session expired or its token was revoked: log in")
-    elif credentials is None or credentials.scheme.lower() != "bearer":
-        raise unauthenticated(401, "missing bearer token", headers=challenge)
     else:
+        assert credentials is not None
         with unit_of_work(ctx.session_factory, read_only=True) as s:
             principal = authenticate(s, credentials.credentials)
         if principal is None:
+            throttle.failed(source)
             raise unauthenticated(401, "invalid or revoked token", headers=challenge)
     get_token_uses(request).note(principal, utcnow())  # written later, off the request path
     return principal
+
+
+def client_address(request: Request) -> str:
+    """The caller's address: the peer, or the client a [server] trusted_proxies peer names."""
+    return request.client.host if request.client else "unknown"
+
+
+def get_failed_auth(request: Request) -> FailedAuth:
+    throttle: FailedAuth = request.app.state.failed_auth
+    return throttle
 
 
 def _session_principal(ctx: Runtime, key: bytes, cookie: str) -> Principal | None:

@@ -79,7 +79,7 @@ class ApiProblem(ClientError):
 
 
 def _status_exit_code(status: int) -> int:
-    if status in (401, 403):
+    if status in (401, 403, 429):  # 429: too many failed authentications from here
         return ExitCode.AUTH
     if status in (400, 404, 405, 413, 422):
         return ExitCode.USAGE

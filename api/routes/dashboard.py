@@ -24,6 +24,8 @@ from api.deps import (
     LoginRequired,
     SessionDep,
     SettingsDep,
+    client_address,
+    get_failed_auth,
     get_service,
     requires,
 )
@@ -175,6 +177,7 @@ LOGIN_BODY = {
     responses={
         303: {"description": "Logged in: the session cookie is set; on to /dashboard"},
         401: {"content": {"text/html": {}}, "description": "Wrong token: the form again"},
+        429: {"content": {"text/html": {}}, "description": "Too many wrong tokens from here"},
         403: {"content": {"text/html": {}}, "description": "Posted from another site"},
         422: {"content": {"text/html": {}}, "description": "No token given: the form again"},
     },
@@ -188,9 +191,19 @@ async def login(request: Request) -> Response:
     token = form.get("token", "").strip()
     if not token or len(token) > MAX_SECRET_LENGTH:
         return _page("login.html", 422, error="Paste an API token.")
+    throttle, source = get_failed_auth(request), client_address(request)
+    wait = throttle.retry_after(source)
+    if wait is not None:
+        return _page(
+            "login.html",
+            429,
+            {"Retry-After": str(wait)},
+            error=f"Too many wrong tokens from here: try again in {wait} s.",
+        )
     service = get_service(request)
     opened = await run_in_threadpool(_open, service.ctx.session_factory, service.session_key, token)
     if opened is None:
+        throttle.failed(source)
         return _page(
             "login.html",
             401,
