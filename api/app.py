@@ -1,5 +1,6 @@
 """The FastAPI app factory: the operator API on top of a Service (controller/daemon/service.py),
-which its lifespan starts and stops. Nothing of the daemon is wired here."""
+which its lifespan starts and stops. Nothing of the daemon is wired here, and the guests' metadata
+listener is not here either: it runs in a process of its own (cli/metadata_listener.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from api import docs_pages, problems
 from api.auth_throttle import FailedAuth
 from api.deps import IDENTIFY_KEY, PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
-from api.metadata import MetadataListener, create_metadata_app
 from api.request_metrics import RequestDurations
 from api.routes import (
     dashboard,
@@ -99,25 +99,13 @@ def create_app(
     """The operator API of a new Service (its runtime `ctx`, or one on libvirt and the
     configured database); run_scheduler=False serves the API without background work."""
     service = Service(settings, ctx=ctx, background=run_scheduler)
-    listener = (
-        MetadataListener(
-            create_metadata_app(settings.metadata, service.ctx, service.approved),
-            settings.metadata,
-        )
-        if settings.metadata.bind is not None
-        else None
-    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
-        if listener is not None:
-            listener.start()
         try:
             yield
         finally:
-            if listener is not None:
-                listener.stop()
             service.stop()
 
     app = FastAPI(

@@ -66,13 +66,7 @@ from controller.hosts.hypervisor import HypervisorPool
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.services import jobs
 from controller.services.inventory import sync_config_hosts
-from controller.settings import (
-    DatabaseSettings,
-    HostConfig,
-    MaintenanceSettings,
-    RunbookConfig,
-    Settings,
-)
+from controller.settings import DatabaseSettings, HostConfig, RunbookConfig, Settings
 from controller.store.db import make_engine, make_session_factory, unit_of_work, upgrade
 from controller.store.models import Event, Job, JobGuest, JobHost
 
@@ -295,8 +289,9 @@ def make_context(url: str, fleet: list[SimHost], journal: Path) -> Runtime:
         ],
         database=DatabaseSettings(url=url, journal_path=journal),
         runbooks={RUNBOOK: RunbookConfig(argv=["true"], timeout_seconds=5)},
-        # The fleet is libvirt's test driver: allowed here, for the benchmark only.
-        maintenance=MaintenanceSettings(allow_test_driver=True),
+        # The fleet is libvirt's test driver: allowed here, for the benchmark only. (A dict, so
+        # that MAINTCTL_MAINTENANCE_* variables are merged into it rather than replacing it.)
+        maintenance={"allow_test_driver": True},  # type: ignore[arg-type]
     )
     factory = make_session_factory(make_engine(url))
     with unit_of_work(factory) as s:

@@ -57,6 +57,12 @@ _CONTROL_BUSY = {
     libvirt.VIR_DOMAIN_CONTROL_OCCUPIED: "monitor_busy",
     libvirt.VIR_DOMAIN_CONTROL_ERROR: "control_error",
 }
+# Where a guest's addresses are learned from outside it. (VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT
+# is deliberately absent: the guest's own agent says whatever the guest wants.)
+_ADDRESS_SOURCES = {
+    "lease": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+    "arp": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+}
 DEFAULT_CALL_TIMEOUT = 5.0
 # Remote transports get libvirt keepalive: a peer silent for KEEPALIVE_INTERVAL * (COUNT + 1)
 # seconds (a cut link, a dead host) has its connection closed by libvirt, and the next call opens
@@ -449,23 +455,27 @@ class LibvirtHost:
                 timeout_seconds,
             )
 
-    def guest_addresses(self, uuid: str) -> list[str]:
-        """The guest's non-loopback IP addresses, as its agent reports them, else DHCP leases."""
+    def guest_addresses(
+        self, uuid: str, *, sources: tuple[str, ...], filters: frozenset[str] | None
+    ) -> list[str]:
+        """Addresses from DHCP leases or ARP, which the host sees, never from the guest's agent,
+        which says whatever the guest wants; with `filters`, only on interfaces libvirt keeps
+        honest with one of those nwfilters (clean-traffic: no packets from another's address)."""
+        guarded = None if filters is None else self._filtered_macs(uuid, filters)
         found: list[str] = []
-        for source in (
-            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
-            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
-        ):
+        for name in sources:
+            source = _ADDRESS_SOURCES[name]
 
             def read(dom: libvirt.virDomain, src: int = source) -> dict[str, Any]:
                 return dom.interfaceAddresses(src, 0) or {}
 
             try:
                 ifaces = self._call(uuid, "addresses of", read)
-            except (AgentUnavailable, Unsupported, HypervisorError):
+            except (Unsupported, HypervisorError):
                 continue
-            for name, iface in (ifaces or {}).items():
-                if name == "lo":
+            for iface in (ifaces or {}).values():
+                mac = str(iface.get("hwaddr") or "").lower()
+                if guarded is not None and mac not in guarded:
                     continue
                 for addr in iface.get("addrs") or []:
                     if addr.get("addr") and not str(addr["addr"]).startswith(("127.", "::1")):
@@ -473,6 +483,18 @@ class LibvirtHost:
             if found:
                 break
         return found
+
+    def _filtered_macs(self, uuid: str, filters: frozenset[str]) -> set[str]:
+        """The MAC addresses of the guest's interfaces that carry one of `filters`."""
+        xml = self._call(uuid, "describe", lambda d: d.XMLDesc(0))
+        # libvirt's own domain XML: no DTD, no entities to expand.
+        root = ElementTree.fromstring(xml)  # noqa: S314
+        macs: set[str] = set()
+        for iface in root.iterfind("./devices/interface"):
+            mac, ref = iface.find("mac"), iface.find("filterref")
+            if mac is not None and ref is not None and ref.get("filter") in filters:
+                macs.add(str(mac.get("address", "")).lower())
+        return macs
 
     def close(self) -> None:
         # A connect stuck on a hung libvirtd holds the lock: give up on it rather than hang.
