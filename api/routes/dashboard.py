@@ -255,13 +255,15 @@ def _open(session_factory: sessionmaker[Session], key: bytes, token: str) -> str
 
 
 def _same_origin(request: Request) -> bool:
-    """A login or logout posted from another site is refused (no CSRF): its Origin must be this
-    server, and the browser must not say it came from elsewhere (Sec-Fetch-Site). A client that
-    sends neither (curl, a script) is not a browser being abused."""
+    """A login or logout posted from another site is refused (no CSRF). A browser that says
+    where the request comes from (Sec-Fetch-Site) is believed: it sends `Origin: null` on our
+    own form, since every page says Referrer-Policy: no-referrer. Otherwise the Origin must be
+    this server; a client that sends neither (curl, a script) is not a browser being abused."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
-        return False
-    return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def _static(name: str, media_type: str) -> Response:
