@@ -280,7 +280,10 @@ class GuestPublic(_Out):
 
 class HostDetail(HostPublic):
     reachable: bool
-    error: str | None
+    error: str | None = Field(
+        description="Why libvirt did not answer: its own words for an admin, else only "
+        "unreachable, refused, timed out or not found"
+    )
     guests: list[GuestPublic]
 
 
@@ -334,13 +337,31 @@ class DiskFreeCheck(HealthCheck):
 
 
 class LibvirtCheck(HealthCheck):
-    hosts: dict[str, str]
+    hosts: dict[str, str] = Field(
+        description='"ok", or a category (unreachable, refused, timed out, not found); an admin '
+        "also reads libvirt's words after a colon"
+    )
 
 
 class HealthChecks(BaseModel):
     database_write: HealthCheck
     disk_free: DiskFreeCheck
     libvirt: LibvirtCheck
+
+
+class Liveness(BaseModel):
+    """What /healthz tells a caller without a token: no host, no error text."""
+
+    status: Literal["ok", "degraded"] = Field(
+        description='"degraded" when a host does not answer; 503 when the database takes no write'
+    )
+    checks: dict[str, bool] = Field(
+        description="database_write, disk_free, libvirt: which passed, without details (a "
+        "token shows those)"
+    )
+    checked_at: Timestamp = Field(
+        description="When readiness was last checked; it is checked at most once a second."
+    )
 
 
 class Health(BaseModel):

@@ -120,6 +120,8 @@ def make_settings(hosts: list[dict[str, Any]], **maintenance: Any) -> Settings:
         # Sleeps past any budget: the watchdog must kill it.
         "hang": {"argv": ["sleep", "300"], "timeout_seconds": 4},
     }
+    # libvirt's test driver is for tests and benchmarks only: allowed here, explicitly.
+    maintenance = {"allow_test_driver": True} | maintenance
     return Settings(hosts=hosts, runbooks=runbooks, maintenance=maintenance)
 
 

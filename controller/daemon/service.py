@@ -18,8 +18,10 @@ from controller.daemon.pruning import Pruner
 from controller.daemon.publisher import NoticePublisher
 from controller.daemon.scheduler import MaintenanceScheduler
 from controller.daemon.window_jobs import WindowJobs
+from controller.decisions.host_uris import uri_problem
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
+from controller.services.browser_sessions import session_key
 from controller.services.inventory import sync_config_hosts
 from controller.services.metrics import ServiceMetrics
 from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
@@ -39,9 +41,12 @@ def libvirt_runtime(settings: Settings) -> Runtime:
     from controller.hosts.libvirt_host import LibvirtHost
 
     timeout = settings.maintenance.libvirt_call_timeout_seconds
+    allow_test = settings.maintenance.allow_test_driver
 
     def connect(uri: str) -> Hypervisor:
-        return LibvirtHost(uri, call_timeout=timeout)
+        # Hosts stored before the allow-list existed are checked again here, at the last step.
+        refused = uri_problem(uri, origin="config", allow_test_driver=allow_test)
+        return LibvirtHost(uri, call_timeout=timeout, refused=refused)
 
     return Runtime(
         settings=settings,
@@ -73,6 +78,7 @@ class Service:
         self.window_jobs = WindowJobs(self.ctx, arm=self.scheduler.arm)
         self.host_pings = HostPings(self.ctx.hypervisors)  # health's own threads, not ctx.pool
         self.token_uses = TokenUses()
+        self.session_key = session_key(settings)  # signs the dashboard's sessions
         self.metrics = ServiceMetrics(
             session_factory=self.ctx.session_factory,
             host_pings=self.host_pings,

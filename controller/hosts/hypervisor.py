@@ -81,8 +81,12 @@ class Hypervisor(Protocol):
 
     def read_guest_file(self, uuid: str, path: str, timeout_seconds: int) -> bytes: ...
 
-    def guest_addresses(self, uuid: str) -> list[str]:
-        """The guest's IP addresses as libvirt reports them (agent, else DHCP leases)."""
+    def guest_addresses(
+        self, uuid: str, *, sources: tuple[str, ...], filters: frozenset[str] | None
+    ) -> list[str]:
+        """The guest's IP addresses as libvirt learned them from outside the guest: `sources`
+        among "lease" and "arp", in order, the first that knows any; never the guest's agent.
+        With `filters`, only interfaces libvirt filters with one of those nwfilters count."""
 
     def close(self) -> None: ...
 

@@ -46,6 +46,8 @@ PING_TIMEOUT_SECONDS = 3.0
 PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 120)
 SKEW_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Why the metadata listener refused (api/guest_listener.py); alert rules name these.
+METADATA_REFUSALS = ("rate", "size", "connections", "timeout", "bad_request")
 
 JOB_OUTCOMES = sorted(s.value for s in TERMINAL)
 _JOB_FINISHED = {f"job_{outcome}": outcome for outcome in JOB_OUTCOMES}
@@ -228,6 +230,15 @@ class ServiceMetrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+        # Counted by the metadata listener's own process and handed over by `maintctl serve`.
+        self.metadata_refused = Counter(
+            "maintctl_metadata_refused",
+            "Requests and connections the guests' metadata listener refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in METADATA_REFUSALS:
+            self.metadata_refused.labels(reason)
         self._over_budget: set[tuple[int | None, str | None]] = set()
         r.register(_StateCollector(session_factory, host_pings, is_leader, outbox))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ...
@@ -241,6 +252,10 @@ class ServiceMetrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http.labels(method, route, str(status)).observe(seconds)
+
+    def count_metadata_refusals(self, reason: str, count: int) -> None:
+        if reason in METADATA_REFUSALS and count > 0:
+            self.metadata_refused.labels(reason).inc(count)
 
     def render(self) -> bytes:
         """The exposition in Prometheus' text format, after reading the newest events (while the

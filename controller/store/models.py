@@ -96,6 +96,9 @@ class Guest(Base):
     name: Mapped[str] = mapped_column(String(255))
     last_state: Mapped[str] = mapped_column(String(32), default="unknown")
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The addresses libvirt learned for it from outside the guest (DHCP leases, ARP) on
+    # interfaces the network keeps honest: who is asking, for the metadata listener.
+    addresses: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
 
     host: Mapped[Host] = relationship(back_populates="guests")
 
@@ -223,8 +226,6 @@ class GuestDocument(Base):
     digest: Mapped[str] = mapped_column(String(64))
     events: Mapped[list[Any]] = mapped_column(JSON)
     pushed_digest: Mapped[str | None] = mapped_column(String(64), default=None)
-    # Addresses libvirt reported for the guest (agent, then DHCP leases): who is asking.
-    addresses: Mapped[list[Any]] = mapped_column(JSON, default=list)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -7,7 +7,7 @@ from http.cookies import SimpleCookie
 
 from api.pause_chart import pause_chart
 from controller.services.dashboard import JobPauses
-from tests.api.conftest import assert_problem
+from tests.api.conftest import UNREACHABLE_URI, assert_problem
 
 COOKIE = "maintctl_session"
 
@@ -81,7 +81,7 @@ def test_the_json_shows_hosts_jobs_guest_outcomes_pauses_and_events(api):
 
 
 def test_host_states_notifying_and_unreachable(api, tmp_path):
-    dead = {"name": "gone", "uri": f"test://{tmp_path}/no-such-node.xml", "update_domain": 2}
+    dead = {"name": "gone", "uri": UNREACHABLE_URI, "update_domain": 2}
     assert api.post("/api/v1/hosts", role="admin", json=dead).status_code == 201
     job = api.post(
         "/api/v1/jobs", json={"hosts": ["h1"], "runbook": "noop", "notice_seconds": 60}
