@@ -114,6 +114,14 @@ class JobCreate(_In):
             "not finish before the window closes waits for its next opening"
         ),
     )
+    qemu_refresh: Literal["stale", "always", "never"] | None = Field(
+        default=None,
+        description=(
+            "Give guests a fresh QEMU process inside the pause, their memory kept: those whose "
+            "QEMU runs a deleted binary or library (stale), every one (always) or none (never); "
+            "default: as the runbook says"
+        ),
+    )
 
 
 class _Out(BaseModel):
@@ -178,6 +186,9 @@ class JobPublic(_Out):
     items: list[JobHostPublic] = Field(description="Each host's progress, in rollout order")
     current_wave: int | None = Field(description="The update domain in progress, if any")
     window: str | None = Field(default=None, description="The maintenance window it starts in")
+    qemu_refresh: str | None = Field(
+        default=None, description="stale, always or never; null: as its runbook says"
+    )
 
 
 class PlannedGuestPublic(_Out):
@@ -185,6 +196,13 @@ class PlannedGuestPublic(_Out):
     guest: str
     action: Literal["pause", "skip"]
     reason: str | None
+    qemu_stale: bool | None = Field(
+        default=None, description="Its QEMU runs a deleted binary or library (null: not known)"
+    )
+    refresh_predicted_seconds: float | None = Field(
+        default=None,
+        description="If its QEMU is refreshed inside the pause: how long that is predicted to take",
+    )
 
 
 class PlannedWavePublic(_Out):
@@ -275,6 +293,12 @@ class GuestPublic(_Out):
     opted_out: bool
     unresponsive: bool = Field(
         default=False, description="Its QEMU does not answer: no job pauses it, nothing waits on it"
+    )
+    qemu_pid: int | None = Field(default=None, description="Its QEMU process, if found")
+    qemu_stale: bool | None = Field(
+        default=None,
+        description="Its QEMU runs a deleted binary or library: an update does not reach it "
+        "until its process is refreshed (null: not known)",
     )
 
 

@@ -211,6 +211,9 @@ class SshConfig(_Strict):
     # The libvirt URI the guardian uses on the host. Default: uri without its transport
     # (qemu+ssh://root@hv1/system -> qemu:///system).
     local_uri: str | None = Field(default=None, min_length=1, max_length=512)
+    # Where guests' images are kept during a QEMU refresh on this host (RAM: tmpfs or
+    # hugetlbfs). Default: [maintenance] refresh_dir with "-<user>" appended.
+    refresh_dir: str | None = Field(default=None, min_length=2, max_length=512)
 
     @field_validator("key_file", "known_hosts")
     @classmethod
@@ -307,6 +310,10 @@ class RunbookConfig(_Strict):
     # recorded and killed after kill_grace_seconds; true leaves them running (a runbook that
     # starts a daemon on purpose).
     leave_children: bool = False
+    # After the apply step, still inside the pause, a guest whose QEMU runs a deleted binary or
+    # library ("stale", the default) gets a fresh QEMU process with its memory kept (saved to
+    # RAM and restored); "always" refreshes every guest, "never" none. A job may override it.
+    qemu_refresh: Literal["stale", "always", "never"] = "stale"
 
     @model_validator(mode="before")
     @classmethod
@@ -471,6 +478,22 @@ class MaintenanceSettings(_Strict):
     # machine runs systemd (outside the service's cgroup, which a stop or a crash kills), else
     # in a session of its own; "systemd" requires the scope; "session" never uses one.
     guardian_scope: Literal["auto", "systemd", "session"] = "auto"
+    # QEMU refresh: where a guest's image is kept between its save and its restore. It must be
+    # RAM (tmpfs or hugetlbfs): the service refuses to start otherwise. A host reached over SSH
+    # uses its [hosts.ssh] refresh_dir, else this path with "-<its login>" appended.
+    # (In a shared directory: maintctl refuses one it does not own alone, or that others can read
+    # or enter, or that is a symbolic link.)
+    refresh_dir: str = Field(
+        default="/dev/shm/maintctl-refresh",  # noqa: S108
+        min_length=2,
+        max_length=512,
+    )
+    # How many guests of one host are saved and restored at once (free space in refresh_dir
+    # permitting).
+    refresh_parallel: int = Field(default=2, ge=1, le=16)
+    # The refresh of a guest takes this long per GiB of its memory (save and restore) until the
+    # host's own refreshes say better: a conservative default from this project's measurements.
+    refresh_seconds_per_gib: float = Field(default=25.0, gt=0, le=600)
     max_parallel_jobs: int = Field(default=4, ge=1, le=64)
     # Every libvirt call is abandoned after this long (a hung QEMU or libvirtd); a resume that
     # is not confirmed by then is recorded resume_pending and retried in the background.

@@ -29,7 +29,15 @@ def get_host(name: str, session: SessionDep, ctx: CtxDep, who: PrincipalDep) -> 
         **_public(listing.host).model_dump(),
         reachable=listing.error is None,
         error=listing.error_for(admin=who.role.allows(Role.ADMIN)),
-        guests=[GuestPublic.model_validate(g) for g in listing.guests],
+        guests=[
+            GuestPublic.model_validate(g).model_copy(
+                update={
+                    "qemu_pid": listing.qemu[g.uuid].pid if g.uuid in listing.qemu else None,
+                    "qemu_stale": listing.qemu[g.uuid].stale if g.uuid in listing.qemu else None,
+                }
+            )
+            for g in listing.guests
+        ],
     )
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.decisions.guests import GuestInfo
+from controller.decisions.guests import GuestInfo, GuestState, QemuProcess
 from controller.decisions.host_uris import uri_problem
 from controller.decisions.states import ACTIVE, PENDING
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.machine import Machine
 from controller.settings import HostConfig, Settings
 from controller.store.events import record_event
 from controller.store.models import Host, Job
@@ -69,6 +70,7 @@ class HostListing:
     guests: list[GuestInfo]  # by name; empty when libvirt did not answer
     error: str | None  # why libvirt did not answer, in its words: for admins only
     error_category: str | None = None  # the same as one of HOST_PROBLEM_CATEGORIES
+    qemu: dict[str, QemuProcess] = field(default_factory=dict)  # by guest UUID, where read
 
     def error_for(self, *, admin: bool) -> str | None:
         """libvirt's words can quote a host's files (a test driver's node file, a socket path):
@@ -84,7 +86,14 @@ def inspect_host(session: Session, hypervisors: HypervisorPool, *, name: str) ->
         guests = hypervisors.get(host.uri).list_guests()
     except HypervisorError as exc:
         return HostListing(host, [], str(exc), exc.category)
-    return HostListing(host, sorted(guests, key=lambda g: g.name), None)
+    running = [
+        g.uuid for g in guests if g.state is GuestState.RUNNING or g.state is GuestState.PAUSED
+    ]
+    try:
+        qemu = Machine.of(host.ssh).qemu_processes(running)
+    except HypervisorError:
+        qemu = {}  # a host reached over SSH that does not answer: staleness not known
+    return HostListing(host, sorted(guests, key=lambda g: g.name), None, qemu=qemu)
 
 
 def add_host(

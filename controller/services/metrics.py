@@ -40,7 +40,7 @@ from controller.decisions.states import TERMINAL
 from controller.hosts.host_pings import HostPings
 from controller.services.event_tail import EventRecord, EventTail, latest_event_id
 from controller.store.db import is_database_outage, unit_of_work
-from controller.store.models import Host, Job, JobGuest, PauseIntent, utcnow
+from controller.store.models import Guest, Host, Job, JobGuest, PauseIntent, utcnow
 
 PING_TIMEOUT_SECONDS = 3.0
 PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 120)
@@ -68,6 +68,7 @@ class _Stored:
     over_budget: int
     attention: dict[str, int]
     hosts: list[tuple[str, str]]
+    stale: dict[str, int]  # by host: guests whose QEMU runs a deleted binary or library
 
 
 def _read_stored(s: Session) -> _Stored:
@@ -89,7 +90,15 @@ def _read_stored(s: Session) -> _Stored:
     ):
         attention[str(status)] = int(count)
     hosts = [(h.name, h.uri) for h in s.scalars(select(Host).order_by(Host.name))]
-    return _Stored(len(open_intents), over, attention, hosts)
+    stale = dict.fromkeys((name for name, _ in hosts), 0)
+    for name, count in s.execute(
+        select(Host.name, func.count())
+        .join(Guest, Guest.host_id == Host.id)
+        .where(Guest.qemu_stale.is_(True))
+        .group_by(Host.name)
+    ):
+        stale[str(name)] = int(count)
+    return _Stored(len(open_intents), over, attention, hosts, stale)
 
 
 class _StateCollector(Collector):
@@ -169,6 +178,15 @@ class _StateCollector(Collector):
         for name, status in pings.items():
             reachable.add_metric([name], 1 if status == "ok" else 0)
         yield reachable
+        stale = GaugeMetricFamily(
+            "maintctl_guests_qemu_stale",
+            "Guests whose QEMU process runs a deleted binary or library (an update does not "
+            "reach them until the process is refreshed), as last read at a job's preflight.",
+            labels=["host"],
+        )
+        for name, count in stored.stale.items():
+            stale.add_metric([name], count)
+        yield stale
 
 
 class ServiceMetrics:
