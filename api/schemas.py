@@ -410,6 +410,11 @@ class DashboardHostPublic(_Out):
     guests: int = Field(description="Guests last seen on the host (refreshed at each preflight)")
     paused: int = Field(description="Of those, guests last seen paused")
     job_id: int | None = Field(description="The open job holding the host, if any")
+    stale: int = Field(
+        default=0,
+        description="Of those, guests whose QEMU runs a deleted binary or library (a job's "
+        "QEMU refresh gives them a fresh process)",
+    )
 
 
 class DashboardDomainPublic(_Out):

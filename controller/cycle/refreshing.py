@@ -127,12 +127,16 @@ def refresh_step(
         free_bytes=room.free_bytes,
     )
     for candidate, why in plan.skipped:
-        done.warnings.append(Warn("qemu_refresh", f"{candidate.name}: resumed stale, {why}"))
+        done.warnings.append(
+            Warn("qemu_refresh", f"{candidate.name}: resumed in its old QEMU process, {why}")
+        )
         record.refresh_skipped(candidate, why, plan.predicted_s.get(candidate.uuid))
     for batch in plan.batches:
         if abort.is_set() or time.monotonic() >= budget_at:
             for c in batch:
-                done.warnings.append(Warn("qemu_refresh", f"{c.name}: resumed stale, no time left"))
+                done.warnings.append(
+                    Warn("qemu_refresh", f"{c.name}: resumed in its old QEMU process, no time left")
+                )
                 record.refresh_skipped(
                     c, "no time left of the budget", plan.predicted_s.get(c.uuid)
                 )
@@ -186,7 +190,9 @@ def _refresh_one(
         _abort_save(hv, c.uuid)
         if _still_there(hv, c.uuid):
             done.images.pop(c.uuid, None)  # it never left its old process: resumed there
-            done.warnings.append(Warn("qemu_refresh", f"{c.name}: save failed, resumed stale"))
+            done.warnings.append(
+                Warn("qemu_refresh", f"{c.name}: save failed, resumed in its old QEMU process")
+            )
             record.refresh_failed(c, "save", str(exc), g.path, kept=False)
             return
         record.refresh_failed(c, "save", str(exc), g.path, kept=True)

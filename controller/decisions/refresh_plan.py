@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 GIB = 1024**3
-# Room kept free in the refresh directory beside the images.
-FREE_MARGIN = 0.1
+MIB = 1024**2
+# An image holds the guest's memory and its devices' state (video RAM, ROMs): counted as its
+# memory plus this much, so a plan that fits never fills the directory.
+IMAGE_OVERHEAD_BYTES = 32 * MIB
 
 
 class RefreshMode(StrEnum):
@@ -55,6 +57,11 @@ def wanted(mode: RefreshMode, guests: list[Candidate]) -> list[Candidate]:
     return [g for g in guests if g.stale]
 
 
+def image_bytes(memory_bytes: int) -> int:
+    """The most an image of a guest with this much memory takes."""
+    return memory_bytes + IMAGE_OVERHEAD_BYTES
+
+
 def plan_refresh(
     mode: RefreshMode,
     guests: list[Candidate],
@@ -64,36 +71,41 @@ def plan_refresh(
     parallel: int,
     free_bytes: int,
 ) -> RefreshPlan:
-    """Batches of at most `parallel` guests whose images fit the refresh directory together;
-    guests that do not fit it even alone, or whose turn would end past `seconds_left`, are not
-    refreshed (largest last: more guests fit)."""
+    """Batches of at most `parallel` guests. An image stays until its guest runs again (after
+    the refresh step), so the images of every refreshed guest must fit the refresh directory
+    together; a guest whose image would not, or whose turn would end past `seconds_left`, is not
+    refreshed. Smallest first: more guests fit."""
     plan = RefreshPlan()
-    room = int(free_bytes * (1 - FREE_MARGIN))
+    room = free_bytes
     elapsed = 0.0
     batch: list[Candidate] = []
     for guest in sorted(wanted(mode, guests), key=lambda g: (g.memory_bytes, g.name)):
         need = predicted_seconds(guest.memory_bytes, seconds_per_gib)
         plan.predicted_s[guest.uuid] = round(need, 3)
-        if guest.memory_bytes > room:
-            mib = guest.memory_bytes // 2**20
+        mib = guest.memory_bytes // MIB
+        if image_bytes(guest.memory_bytes) > room:
             plan.skipped.append(
-                (guest, f"refresh_dir too small: {mib} MiB of memory, {room // 2**20} MiB free")
+                (
+                    guest,
+                    f"refresh_dir too small: its image may take {image_bytes(guest.memory_bytes) // MIB}"
+                    f" MiB ({mib} MiB of memory), {room // MIB} MiB is free",
+                )
             )
             continue
         if elapsed + need > seconds_left:
             plan.skipped.append(
                 (
                     guest,
-                    f"its refresh ({guest.memory_bytes // 2**20} MiB of memory) is predicted to "
-                    f"take {need:.1f} s; {max(0.0, seconds_left - elapsed):.1f} s of the budget "
-                    "would be left",
+                    f"its refresh ({mib} MiB of memory) is predicted to take {need:.1f} s; "
+                    f"{max(0.0, seconds_left - elapsed):.1f} s of the budget would be left",
                 )
             )
             continue
-        if len(batch) >= parallel or sum(g.memory_bytes for g in batch) + guest.memory_bytes > room:
+        if len(batch) >= parallel:
             plan.batches.append(batch)
             batch = []
         batch.append(guest)
+        room -= image_bytes(guest.memory_bytes)
         elapsed += need  # as if they took turns: never an optimistic prediction
     if batch:
         plan.batches.append(batch)

@@ -200,8 +200,9 @@ REFRESH_HISTORY = 20
 
 
 def seconds_per_gib(session: Session, settings: Settings, host: str) -> float:
-    """The host's measured QEMU refresh time per GiB of guest memory (the median of its recent
-    refreshes), else the configured conservative default."""
+    """The host's measured QEMU refresh time per GiB of guest memory (the worst of its recent
+    refreshes: a prediction may be too long, never too short), else the configured conservative
+    default."""
     rows = session.scalars(
         select(Event.details)
         .where(Event.kind == "qemu_refreshed", Event.host == host)
@@ -215,4 +216,4 @@ def seconds_per_gib(session: Session, settings: Settings, host: str) -> float:
     ]
     if not measured:
         return settings.maintenance.refresh_seconds_per_gib
-    return statistics.median(measured)
+    return max(measured)
