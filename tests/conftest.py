@@ -40,6 +40,7 @@ BED_MARKS = ("qemu", "faults")
 BED_FIXTURES = {"bed", "_bed_guests", "bed_guests", "fault_pg_url", "second_host", "ssh_host"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
