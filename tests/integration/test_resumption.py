@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import statistics
 import threading
 import time
 
@@ -66,7 +67,8 @@ def test_an_unreachable_daemon_is_never_an_answer() -> None:
     assert box == [None]  # stopped, never settled
     assert len(failures) >= 10
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(failures)]
-    assert max(gaps) < 0.5  # the cap holds: it keeps knocking
+    # The cap holds: it keeps knocking (the median; one gap may wait for a busy CPU).
+    assert statistics.median(gaps) < 0.3 and max(gaps) < 1.5, gaps
     assert all("no connection" in e or "connect" in e.lower() for _, e in failures), failures[0]
 
 
