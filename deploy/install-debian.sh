@@ -27,12 +27,25 @@ if [ -e /dev/kvm ]; then
   chgrp kvm /dev/kvm && chmod 660 /dev/kvm
 fi
 
+# A daemon started here must not keep a descriptor this script inherited: `flock LOCK make
+# test` hands the lock's to its command, and virtlogd -d keeps what it is given, which would
+# hold the lock for as long as virtlogd runs.
+detached() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      n=${fd##*/}
+      if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi
+    done
+    exec "$@"
+  )
+}
+
 mkdir -p /var/run/libvirt /var/log/libvirt
 # Ask the system daemons themselves: other users' session daemons share the process names.
-if ! pgrep -u root -x virtlogd >/dev/null; then virtlogd -d; fi
+if ! pgrep -u root -x virtlogd >/dev/null; then detached virtlogd -d; fi
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   echo "install-debian: starting libvirtd"
-  libvirtd -d
+  detached libvirtd -d
   for _ in $(seq 1 100); do
     virsh -c qemu:///system version >/dev/null 2>&1 && break
     sleep 0.1
