@@ -27,6 +27,19 @@ if [ -e /dev/kvm ]; then
   chgrp kvm /dev/kvm && chmod 660 /dev/kvm
 fi
 
+# A daemon started here must not keep a descriptor this script inherited: `flock LOCK make
+# test` hands the lock's to its command, and virtlogd -d keeps what it is given, which would
+# hold the lock for as long as virtlogd runs.
+detached() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      n=${fd##*/}
+      if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi
+    done
+    exec "$@"
+  )
+}
+
 mkdir -p /var/run/libvirt /var/log/libvirt
 # A daemon keeps nothing its caller holds open: virtlogd keeps inherited descriptors, so a lock
 # held around this script (`flock LOCK make test`) would otherwise stay held as long as it runs.

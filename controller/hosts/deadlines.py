@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import TypeVar
 
 from controller.errors import CallTimedOut
@@ -44,6 +45,9 @@ class _Threads:
         wake, slot = threading.Event(), list[Callable[[], None]]()
         while True:
             work()
+            # Idle, the thread keeps nothing of its last call: not its result, not what its
+            # closure holds (a libvirt connection that died with its daemon, a domain handle).
+            del work
             wake.clear()
             with self._lock:
                 self._idle.append((wake, slot))
@@ -63,17 +67,23 @@ _threads = _Threads()
 def start_call(fn: Callable[[], T], name: str = "call") -> Future[T]:
     """Run fn on a daemon thread of its own (an idle one if any); the future holds its result."""
     future: Future[T] = Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # handed to whoever waits; nothing escapes the thread
-            future.set_exception(exc)
-
-    _threads.run(run, name)
+    _threads.run(partial(_complete, future, fn), name)
     return future
+
+
+def _complete(future: Future[T], fn: Callable[[], T]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to whoever waits; nothing escapes the thread
+        future.set_exception(exc)
+    finally:
+        # The exception's traceback holds this frame: without this, frame -> future ->
+        # exception -> traceback -> frame is a cycle, and what the failed call's frames hold (a
+        # libvirt connection whose daemon died: its event fd, its memory) lives until a full
+        # garbage collection, which a large process may not run for many minutes.
+        del future, fn
 
 
 def run_on_thread(work: Callable[[], None], name: str) -> None:
@@ -88,6 +98,8 @@ def call_with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
         return future.result(timeout=timeout)
     except FutureTimeout:
         raise CallTimedOut(f"{what}: no answer within {timeout:g} s") from None
+    finally:
+        del future  # no cycle through a raised exception's traceback (see _complete)
 
 
 class SerialCalls:
@@ -146,3 +158,5 @@ class SerialCalls:
             if abandoned is not None:
                 abandoned(future)  # type: ignore[arg-type]
             raise CallTimedOut(f"{what}: no answer within {timeout:g} s") from None
+        finally:
+            del future, held  # no cycle through a raised exception's traceback (see _complete)
