@@ -61,7 +61,7 @@ from bench.soak_resources import (
 from controller.store.db import make_engine, make_session_factory, unit_of_work
 from controller.store.models import PauseIntent
 from controller.work.guest_documents import guest_token
-from tests.conftest import PG_URL, QEMU_URI
+from tests.conftest import FAULT_PG_URL, QEMU_URI
 from tests.e2e.service import Service, free_port, host_block
 from tests.faults.bed import FAULT_RUNBOOKS, Sampler, libvirtd_restored
 from tests.faults.conftest import TERMINAL, read_records
@@ -346,7 +346,7 @@ def run_soak(
     seed: int,
     bed: TestBed,
     guests: list[str],
-    pg_url: str = PG_URL,
+    pg_url: str = FAULT_PG_URL,
     sample_seconds: float = 10.0,
     fault_every: tuple[float, float] = (60.0, 180.0),
     kinds: tuple[str, ...] = KINDS,
@@ -501,7 +501,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--faults", default=",".join(KINDS), help="the kinds to draw from")
     p.add_argument(
-        "--database-url", default=PG_URL, help="the PostgreSQL server (a scratch database)"
+        "--database-url",
+        default=FAULT_PG_URL,
+        help="the PostgreSQL server (a scratch database); its restarts are the faults cluster's",
     )
     p.add_argument("--plot", type=Path, help="write a PNG of every resource over the run")
     p.add_argument("--json", type=Path, help="write every figure here")
