@@ -44,10 +44,19 @@ lint: venv
 typecheck: venv
 	@$(VENV)/bin/mypy controller api cli
 
-# Two workers: every test of the real bed (QEMU, PostgreSQL, injected faults) runs in one of
-# them, one at a time as before (tests/conftest.py groups them); the rest run beside them.
+# Two pytest processes at once: the tests of the real bed (marked qemu or faults: they share one
+# libvirtd, its guests and the PostgreSQL cluster they stop) one at a time in the foreground, and
+# every other test beside them, its output shown after the bed's. Either failing fails the run.
+BESIDE_LOG := $(shell mktemp -u /tmp/maintctl-test-beside.XXXXXX)
 test: testbed venv lint typecheck
-	@$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15
+	@$(VENV)/bin/pytest -q -p no:cacheprovider -m "not qemu and not faults" \
+	    --basetemp=$(BESIDE_LOG).tmp >$(BESIDE_LOG) 2>&1 & beside=$$!; \
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 -m "qemu or faults"; bed=$$?; \
+	wait $$beside; other=$$?; \
+	echo "--- the tests beside the bed (exit $$other):"; \
+	if [ $$other -eq 0 ]; then tail -n 3 $(BESIDE_LOG); else cat $(BESIDE_LOG); fi; \
+	rm -rf $(BESIDE_LOG) $(BESIDE_LOG).tmp; \
+	exit $$(( bed != 0 || other != 0 ))
 
 clean:
 	rm -rf $(VENV) .demo maintctl.db*

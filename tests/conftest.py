@@ -31,23 +31,8 @@ from tests.testbed import BedGuest, TestBed
 # inherit it.
 os.environ.setdefault("MAINTCTL_MAINTENANCE_NOTICE_SECONDS", "0")
 
-# Tests of the real bed share one libvirtd, its guests and one PostgreSQL server, and some of
-# them stop those: under pytest-xdist they all run in one worker, one at a time ("bed" group),
-# and everything else runs beside them.
-# PostgreSQL is not in the group: the tests that stop it stop a cluster of their own
-# (FAULT_PG_URL, port 5433); the one every other test uses (PG_URL) stays up.
-BED_MARKS = ("qemu", "faults")
-BED_FIXTURES = {"bed", "_bed_guests", "bed_guests", "fault_pg_url", "second_host", "ssh_host"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & BED_FIXTURES or any(item.get_closest_marker(m) for m in BED_MARKS):
-            item.add_marker(pytest.mark.xdist_group("bed"))
-
-
+# The tests that stop PostgreSQL stop a cluster of their own (FAULT_PG_URL, port 5433): the one
+# every other test uses (PG_URL) stays up, so those run beside the bed's tests (Makefile).
 PG_URL = os.environ.get(
     "MAINTCTL_TEST_PG_URL", "postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl"
 )
