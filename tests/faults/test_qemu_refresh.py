@@ -30,7 +30,8 @@ from tests.faults.conftest import Bed, Records, make_bed
 from tests.fleet import FleetSampler, WatchedHost
 from tests.integration.engine_helpers import read_outcome, submit
 from tests.integration.test_fleet_rollout import _remote_host_config
-from tests.testbed import PREFIX, BedGuest, TestBed
+from tests.sshbed import SSH_USER
+from tests.testbed import PREFIX, SESSION_USER, BedGuest, TestBed, session_socket, session_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.faults]
 
@@ -59,11 +60,23 @@ def qemu_put_back(bed_guests: list[BedGuest]) -> Iterator[str]:
         qemu_update.mend()
         if qemu_update.installed_version() != original:
             qemu_update.install(original)
-        qemu_update.refresh_stale(QEMU_URI, PREFIX)
+        for uri, prefix in bed_daemons():
+            qemu_update.refresh_stale(uri, prefix)
         stale = [q for q in qemu_update.qemu_processes().values() if q.stale]
         assert not stale or all(q.uuid not in {g.uuid for g in bed_guests} for q in stale), (
             f"bed guests left on a stale QEMU: {stale}"
         )
+
+
+def bed_daemons() -> list[tuple[str, str]]:
+    """Every libvirtd of the bed whose guests an update of the machine's QEMU makes stale: the
+    system one, and the session daemons of the second host and the SSH host if they run."""
+    daemons = [(QEMU_URI, PREFIX)]
+    for user, prefix in ((SESSION_USER, PREFIX), (SSH_USER, "mtssh-")):
+        with contextlib.suppress(KeyError):
+            if session_socket(user).exists():
+                daemons.append((session_uri(user), prefix))
+    return daemons
 
 
 @pytest.fixture
