@@ -534,14 +534,17 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, file=sys.stderr, flush=True),
             service_log=args.service_log,
         )
+        # Written before the guests go: half an hour's figures never hang on a cleanup.
+        print(report(result, command="python -m bench.soak " + " ".join(argv or sys.argv[1:])))
+        if args.json is not None:
+            args.json.write_text(json.dumps(as_json(result), indent=2, default=str))
+        if args.plot is not None:
+            plot(result, args.plot)
     finally:
-        bed.cleanup_stale()
-        bed.close()
-    print(report(result, command="python -m bench.soak " + " ".join(argv or sys.argv[1:])))
-    if args.plot is not None:
-        plot(result, args.plot)
-    if args.json is not None:
-        args.json.write_text(json.dumps(as_json(result), indent=2, default=str))
+        try:
+            bed.cleanup_stale()
+        finally:
+            bed.close()
     return 0 if result.ok else 1
 
 

@@ -107,21 +107,29 @@ class TestBed:
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
 
+    def _reopened(self, exc: libvirt.libvirtError) -> libvirt.virConnect:
+        """A new connection if the daemon went away since the last call (isAlive() does not
+        know before a call fails); exc again otherwise."""
+        if exc.get_error_code() != libvirt.VIR_ERR_SYSTEM_ERROR:
+            raise exc
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
+        self._conn = libvirt.open(self.uri)
+        return self._conn
+
     def domain(self, name: str) -> libvirt.virDomain:
         try:
             return self.conn.lookupByName(name)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_SYSTEM_ERROR:
-                raise
-            # The daemon went away since the last call: the next conn is a new connection.
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.close()
-            self._conn = libvirt.open(self.uri)
-            return self._conn.lookupByName(name)
+            return self._reopened(exc).lookupByName(name)
 
     def cleanup_stale(self) -> list[str]:
         removed = []
-        for dom in self.conn.listAllDomains(0):
+        try:
+            domains = self.conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            domains = self._reopened(exc).listAllDomains(0)
+        for dom in domains:
             name = dom.name()
             if name.startswith(self.prefix):
                 try:
