@@ -43,18 +43,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import libvirt
 
-from tests.faults.restart_libvirtd import kill_libvirtd, start_libvirtd
-from tests.testbed import SYSTEM_URI, TestBed
+from bench import bed_daemon
+from bench.refresh_shared import (
+    MEMORY_BACKING_DIR,
+    CapabilitySetter,
+    ram_kept,
+    shared_memory_xml,
+)
+from tests.testbed import DOMAIN_XML, SYSTEM_URI, TestBed
 
 PREFIX = "mtbed-rb-"
 IMAGE_DIR = Path("/dev/shm/mtbed-rb-images")
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+QEMU_USER = "libvirt-qemu"
 BUDGET_S = 30.0
 RESUME_RESERVE_S = 3.0
 # RAM left free in the guest after the fill: its kernel, busybox and qemu-ga need some.
@@ -115,6 +121,9 @@ class Context:
     uri: str
     image_dir: Path
     flags: int = 0  # added to VIR_DOMAIN_SAVE_PAUSED on save and restore
+    # Called with the guest's name right before its restore; what it returns is called right
+    # after (part of the restore's time).
+    on_restore: Callable[[str], Callable[[], None]] | None = None
 
 
 Method = Callable[[Context, list[Guest]], list[Refresh]]
@@ -136,7 +145,10 @@ def bare_refresh(ctx: Context, guest: Guest) -> Refresh:
             saved = time.monotonic()
             old_exited = exit_watch.stop()
         image_bytes = path.stat().st_size
+        after_restore = ctx.on_restore(guest.name) if ctx.on_restore else None
         conn.restoreFlags(str(path), None, flags)
+        if after_restore:
+            after_restore()
         restored = time.monotonic()
         dom = conn.lookupByName(guest.name)
         reason = dom.state()[1]
@@ -197,8 +209,23 @@ def libvirt_floor(ctx: Context, guests: list[Guest]) -> list[Refresh]:
 
 
 def libvirt_bypass_cache(ctx: Context, guests: list[Guest]) -> list[Refresh]:
-    bypass = Context(ctx.uri, ctx.image_dir, ctx.flags | libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE)
+    bypass = replace(ctx, flags=ctx.flags | libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE)
     return libvirt_floor(bypass, guests)
+
+
+def ignore_shared(ctx: Context, guests: list[Guest]) -> list[Refresh]:
+    """The floor's calls on guests whose RAM is a shared file that the save leaves out
+    (bench.refresh_shared; the guests must be booted with --shared-memory)."""
+    conn = libvirt.open(ctx.uri)
+    try:
+        with contextlib.ExitStack() as kept:
+            for g in guests:
+                kept.enter_context(ram_kept(conn, g.name))
+            return libvirt_floor(
+                replace(ctx, on_restore=lambda n: CapabilitySetter(n).wait), guests
+            )
+    finally:
+        conn.close()
 
 
 # name -> callable(context, guests of one wave) -> one Refresh per guest. A maintctl row runs the
@@ -206,10 +233,25 @@ def libvirt_bypass_cache(ctx: Context, guests: list[Guest]) -> list[Refresh]:
 METHODS: dict[str, Method] = {
     "libvirt-floor": libvirt_floor,
     "libvirt-bypass-cache": libvirt_bypass_cache,
+    "ignore-shared": ignore_shared,
 }
+SHARED_MEMORY_METHODS = {"ignore-shared"}
 
 
 # --- the guests ----------------------------------------------------------------------------
+
+
+class SharedMemoryBed(TestBed):
+    """Test-bed guests whose RAM is a shared file, with x-ignore-shared on."""
+
+    __test__ = False
+    domain_xml = shared_memory_xml(DOMAIN_XML)
+
+    def _create(self, name: str, memory_mib: int) -> libvirt.virDomain:
+        setter = CapabilitySetter(name)  # the new QEMU waits for it
+        dom = super()._create(name, memory_mib)
+        setter.wait()
+        return dom
 
 
 def qemu_pid(name: str) -> int:
@@ -388,42 +430,6 @@ def measure_size(
     return list(samples.values())
 
 
-# --- the daemon's configuration, for one run -----------------------------------------------
-
-
-@contextlib.contextmanager
-def qemu_conf(settings: dict[str, str]) -> Iterator[None]:
-    """Run with these qemu.conf settings, then put the file back; restarts libvirtd both times.
-
-    libvirtd reads qemu.conf only when it starts. Running guests survive its restart."""
-    if not settings:
-        yield
-        return
-    original = QEMU_CONF.read_bytes()
-    lines = "".join(f'{key} = "{value}"\n' for key, value in settings.items())
-    try:
-        QEMU_CONF.write_bytes(original + b"\n# bench.refresh, for one run\n" + lines.encode())
-        restart_libvirtd()
-        yield
-    finally:
-        QEMU_CONF.write_bytes(original)
-        restart_libvirtd()
-
-
-def restart_libvirtd() -> None:
-    kill_libvirtd()
-    start_libvirtd()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            libvirt.open(SYSTEM_URI).close()
-            return
-        except libvirt.libvirtError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 TABLE = [
     ("size_mib", "size MiB"),
     ("method", "method"),
@@ -456,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save-image-format", help="qemu.conf save_image_format for this run (restarts libvirtd)"
     )
+    parser.add_argument(
+        "--prompt-reaping",
+        action="store_true",
+        help="run libvirtd under bench.reaper for this run (restarts libvirtd)",
+    )
     parser.add_argument("--json", type=Path, help="also write every refresh here")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -463,10 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
 
+    shared = bool(set(methods) & SHARED_MEMORY_METHODS)
+    if shared and set(methods) - SHARED_MEMORY_METHODS:
+        parser.error(f"{', '.join(sorted(SHARED_MEMORY_METHODS))} cannot run with other methods")
     settings = {"save_image_format": args.save_image_format} if args.save_image_format else {}
+    if shared:
+        settings["memory_backing_dir"] = str(MEMORY_BACKING_DIR)
+        MEMORY_BACKING_DIR.mkdir(mode=0o755, exist_ok=True)
+        shutil.chown(MEMORY_BACKING_DIR, QEMU_USER, QEMU_USER)  # its QEMUs' sockets go there
     samples: list[Sample] = []
-    with qemu_conf(settings):
-        bed = TestBed(SYSTEM_URI, prefix=PREFIX)
+    with bed_daemon.configured(settings, prompt_reaping=args.prompt_reaping):
+        bed = (SharedMemoryBed if shared else TestBed)(SYSTEM_URI, prefix=PREFIX)
         bed.cleanup_stale()
         IMAGE_DIR.mkdir(mode=0o700, exist_ok=True)
         try:
@@ -477,9 +495,12 @@ def main(argv: list[str] | None = None) -> int:
             bed.cleanup_stale()
             bed.close()
             shutil.rmtree(IMAGE_DIR, ignore_errors=True)
+            if shared:
+                shutil.rmtree(MEMORY_BACKING_DIR, ignore_errors=True)
     rows = [summary(s) for s in samples]
     fmt = args.save_image_format or "raw (default)"
-    print(f"\n{args.guests} guests per size, {args.runs} runs, save_image_format {fmt}\n")
+    reaping = ", libvirtd under bench.reaper" if args.prompt_reaping else ""
+    print(f"\n{args.guests} guests per size, {args.runs} runs, save_image_format {fmt}{reaping}\n")
     print(table(rows))
     if args.json:
         raw = [
