@@ -44,8 +44,10 @@ lint: venv
 typecheck: venv
 	@$(VENV)/bin/mypy controller api cli
 
+# Two workers: every test of the real bed (QEMU, PostgreSQL, injected faults) runs in one of
+# them, one at a time as before (tests/conftest.py groups them); the rest run beside them.
 test: testbed venv lint typecheck
-	@$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
+	@$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15
 
 clean:
 	rm -rf $(VENV) .demo maintctl.db*

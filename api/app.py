@@ -1,5 +1,6 @@
 """The FastAPI app factory: the operator API on top of a Service (controller/daemon/service.py),
-which its lifespan starts and stops. Nothing of the daemon is wired here."""
+which its lifespan starts and stops. Nothing of the daemon is wired here, and the guests' metadata
+listener is not here either: it runs in a process of its own (cli/metadata_listener.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api import problems
-from api.deps import PUBLIC, ROLE_KEY, authorize
+from api import docs_pages, problems
+from api.auth_throttle import FailedAuth
+from api.deps import IDENTIFY_KEY, PUBLIC, ROLE_KEY, authorize
 from api.limits import BodyLimit, InputScreen
-from api.metadata import MetadataListener, create_metadata_app
 from api.request_metrics import RequestDurations
 from api.routes import (
     dashboard,
@@ -27,6 +28,7 @@ from api.routes import (
     tokens,
     windows,
 )
+from api.security_headers import SecurityHeaders
 from controller.cycle.runtime import Runtime
 from controller.daemon.service import Service
 from controller.settings import Settings
@@ -41,8 +43,11 @@ ERROR_STATUSES = {
     "409": "Conflict with the current state",
     "413": "Request body too large",
     "422": "Invalid request",
+    "429": "Too many failed authentications from this address (Retry-After says how long)",
     "503": "A host or the database is unavailable",
 }
+# What a public route that identifies callers (a token is optional) may also answer.
+IDENTIFYING_STATUSES = ("401", "429", "503")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -59,10 +64,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for op in path_item.values():
             responses = op.setdefault("responses", {})
             public = op.get(ROLE_KEY) == PUBLIC
+            shown = IDENTIFYING_STATUSES if op.get(IDENTIFY_KEY) else ("503",)
             # What the route documents itself stays; FastAPI's generated 422 is not the route's.
             own = set(responses) - {"422"}
             for status, text in ERROR_STATUSES.items():
-                if public and status != "503":
+                if public and status not in shown:
                     continue
                 if status in own:
                     continue
@@ -93,25 +99,13 @@ def create_app(
     """The operator API of a new Service (its runtime `ctx`, or one on libvirt and the
     configured database); run_scheduler=False serves the API without background work."""
     service = Service(settings, ctx=ctx, background=run_scheduler)
-    listener = (
-        MetadataListener(
-            create_metadata_app(settings.metadata, service.ctx, service.approved),
-            settings.metadata,
-        )
-        if settings.metadata.bind is not None
-        else None
-    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
-        if listener is not None:
-            listener.start()
         try:
             yield
         finally:
-            if listener is not None:
-                listener.stop()
             service.stop()
 
     app = FastAPI(
@@ -120,15 +114,22 @@ def create_app(
         description="Memory-preserving host maintenance for libvirt/KVM.",
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
+        docs_url=None,  # FastAPI's own pages load their script from a CDN: api/docs_pages.py
+        redoc_url=None,
     )
     app.state.service = service
+    app.state.readiness = health.Readiness()
+    app.state.failed_auth = FailedAuth()
     problems.install(app)
     for module in (health, hosts, runbooks, jobs, events, tokens, metrics, windows):
         app.include_router(module.router)
     dashboard.install(app)
+    if settings.server.docs:
+        docs_pages.install(app)
     _check_every_route_declares_a_role(app)
     app.add_middleware(InputScreen)
     app.add_middleware(BodyLimit)  # added last but one, so it runs before InputScreen
+    app.add_middleware(SecurityHeaders)  # on every answer, the middlewares' own too
     app.add_middleware(RequestDurations, metrics=service.metrics)  # outermost: times it all
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -114,6 +114,14 @@ class JobCreate(_In):
             "not finish before the window closes waits for its next opening"
         ),
     )
+    qemu_refresh: Literal["stale", "always", "never"] | None = Field(
+        default=None,
+        description=(
+            "Give guests a fresh QEMU process inside the pause, their memory kept: those whose "
+            "QEMU runs a deleted binary or library (stale), every one (always) or none (never); "
+            "default: as the runbook says"
+        ),
+    )
 
 
 class _Out(BaseModel):
@@ -178,6 +186,9 @@ class JobPublic(_Out):
     items: list[JobHostPublic] = Field(description="Each host's progress, in rollout order")
     current_wave: int | None = Field(description="The update domain in progress, if any")
     window: str | None = Field(default=None, description="The maintenance window it starts in")
+    qemu_refresh: str | None = Field(
+        default=None, description="stale, always or never; null: as its runbook says"
+    )
 
 
 class PlannedGuestPublic(_Out):
@@ -185,6 +196,13 @@ class PlannedGuestPublic(_Out):
     guest: str
     action: Literal["pause", "skip"]
     reason: str | None
+    qemu_stale: bool | None = Field(
+        default=None, description="Its QEMU runs a deleted binary or library (null: not known)"
+    )
+    refresh_predicted_seconds: float | None = Field(
+        default=None,
+        description="If its QEMU is refreshed inside the pause: how long that is predicted to take",
+    )
 
 
 class PlannedWavePublic(_Out):
@@ -276,11 +294,20 @@ class GuestPublic(_Out):
     unresponsive: bool = Field(
         default=False, description="Its QEMU does not answer: no job pauses it, nothing waits on it"
     )
+    qemu_pid: int | None = Field(default=None, description="Its QEMU process, if found")
+    qemu_stale: bool | None = Field(
+        default=None,
+        description="Its QEMU runs a deleted binary or library: an update does not reach it "
+        "until its process is refreshed (null: not known)",
+    )
 
 
 class HostDetail(HostPublic):
     reachable: bool
-    error: str | None
+    error: str | None = Field(
+        description="Why libvirt did not answer: its own words for an admin, else only "
+        "unreachable, refused, timed out or not found"
+    )
     guests: list[GuestPublic]
 
 
@@ -334,13 +361,31 @@ class DiskFreeCheck(HealthCheck):
 
 
 class LibvirtCheck(HealthCheck):
-    hosts: dict[str, str]
+    hosts: dict[str, str] = Field(
+        description='"ok", or a category (unreachable, refused, timed out, not found); an admin '
+        "also reads libvirt's words after a colon"
+    )
 
 
 class HealthChecks(BaseModel):
     database_write: HealthCheck
     disk_free: DiskFreeCheck
     libvirt: LibvirtCheck
+
+
+class Liveness(BaseModel):
+    """What /healthz tells a caller without a token: no host, no error text."""
+
+    status: Literal["ok", "degraded"] = Field(
+        description='"degraded" when a host does not answer; 503 when the database takes no write'
+    )
+    checks: dict[str, bool] = Field(
+        description="database_write, disk_free, libvirt: which passed, without details (a "
+        "token shows those)"
+    )
+    checked_at: Timestamp = Field(
+        description="When readiness was last checked; it is checked at most once a second."
+    )
 
 
 class Health(BaseModel):
@@ -365,6 +410,11 @@ class DashboardHostPublic(_Out):
     guests: int = Field(description="Guests last seen on the host (refreshed at each preflight)")
     paused: int = Field(description="Of those, guests last seen paused")
     job_id: int | None = Field(description="The open job holding the host, if any")
+    stale: int = Field(
+        default=0,
+        description="Of those, guests whose QEMU runs a deleted binary or library (a job's "
+        "QEMU refresh gives them a fresh process)",
+    )
 
 
 class DashboardDomainPublic(_Out):

@@ -289,6 +289,9 @@ def make_context(url: str, fleet: list[SimHost], journal: Path) -> Runtime:
         ],
         database=DatabaseSettings(url=url, journal_path=journal),
         runbooks={RUNBOOK: RunbookConfig(argv=["true"], timeout_seconds=5)},
+        # The fleet is libvirt's test driver: allowed here, for the benchmark only. (A dict, so
+        # that MAINTCTL_MAINTENANCE_* variables are merged into it rather than replacing it.)
+        maintenance={"allow_test_driver": True},  # type: ignore[arg-type]
     )
     factory = make_session_factory(make_engine(url))
     with unit_of_work(factory) as s:

@@ -7,6 +7,8 @@ paragraph: problem documents (RFC 9457) are turned into their detail, transport 
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -79,7 +81,7 @@ class ApiProblem(ClientError):
 
 
 def _status_exit_code(status: int) -> int:
-    if status in (401, 403):
+    if status in (401, 403, 429):  # 429: too many failed authentications from here
         return ExitCode.AUTH
     if status in (400, 404, 405, 413, 422):
         return ExitCode.USAGE
@@ -104,6 +106,17 @@ def problem_from(response: httpx.Response) -> ApiProblem:
     )
 
 
+def _verify(ca_file: str | None) -> ssl.SSLContext | bool:
+    """Verification on, always: against `ca_file` (or $MAINTCTL_CA_FILE) when given."""
+    ca_file = ca_file or os.environ.get("MAINTCTL_CA_FILE") or None
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise BadServer(f"the CA file {ca_file} cannot be used: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Submitted:
     job: JSON
@@ -114,8 +127,16 @@ class MaintctlClient:
     """One server and token; every method is one request (wait and stream_events repeat one)."""
 
     def __init__(
-        self, server: str, token: str | None, *, timeout: float = 10.0, poll_interval: float = 0.25
+        self,
+        server: str,
+        token: str | None,
+        *,
+        timeout: float = 10.0,
+        poll_interval: float = 0.25,
+        ca_file: str | None = None,
     ) -> None:
+        """`ca_file`: a PEM file of the CA that signed an https server's certificate (default:
+        $MAINTCTL_CA_FILE, else the certifi bundle). Certificates are always verified."""
         self.poll_interval = poll_interval
         headers = {"User-Agent": USER_AGENT}
         if token:
@@ -127,7 +148,9 @@ class MaintctlClient:
             raise BadServer(f"--server {server!r} is not a URL: {exc}") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise BadServer(f"--server {server!r} is not an http:// or https:// URL")
-        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        self.http = httpx.Client(
+            base_url=self.server, headers=headers, timeout=timeout, verify=_verify(ca_file)
+        )
 
     def close(self) -> None:
         self.http.close()

@@ -105,10 +105,10 @@ def serve(
     ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
-    """Run the API and the scheduler (applies pending migrations first)."""
-    import uvicorn
-
-    from api.app import create_app
+    """Run the API and the scheduler (applies pending migrations first), and the guests'
+    metadata listener in a process of its own when [metadata] bind is set."""
+    from cli.serve import run
+    from controller.settings import resolve_config_path
     from controller.store.db import upgrade
 
     settings = _settings(config)
@@ -119,13 +119,7 @@ def serve(
     logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
     if not no_migrate:
         upgrade(settings.database.url)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=30,
-    )
+    run(settings, config=resolve_config_path(config), log_level=log_level)
 
 
 @db_app.command("upgrade")
@@ -246,6 +240,27 @@ def metadata_token(
         fail("[metadata] token_secret is not set: guest tokens are off")
         return
     typer.echo(guest_token(secret.get_secret_value(), guest))
+
+
+@metadata_app.command("listen", hidden=True)
+@readable_errors
+def metadata_listen(
+    report_fd: Annotated[int, typer.Option("--report-fd", help="Where to report (a pipe)")],
+    config: ConfigOpt = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """The guests' listener alone; `maintctl serve` runs it as its child and reads its reports."""
+    import os
+
+    from cli.metadata_listener import Report, listen
+
+    settings = _settings(config)
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s metadata[%(process)d] %(name)s: %(message)s",
+    )
+    with os.fdopen(report_fd, "w", encoding="ascii") as stream:
+        listen(settings, Report(stream))
 
 
 @config_app.command("check")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -33,6 +34,12 @@ from cli.options import (
 )
 
 FINISHED_ITEMS = {"done", "failed", "skipped", "aborted", "interrupted"}
+
+
+class QemuRefresh(StrEnum):
+    STALE = "stale"
+    ALWAYS = "always"
+    NEVER = "never"
 
 
 def pairs(values: list[str], option: str) -> dict[str, str]:
@@ -69,6 +76,7 @@ def job_body(
     notice: float | None,
     max_failed_hosts: int | None,
     dry_run: bool,
+    qemu_refresh: str | None = None,
 ) -> dict[str, Any]:
     if sum([bool(hosts), all_hosts, bool(selector)]) != 1:
         raise BadUsage("choose the hosts with one of --host, --all or --selector")
@@ -84,6 +92,7 @@ def job_body(
         "pause_budget_seconds": budget,
         "notice_seconds": notice,
         "max_failed_hosts": max_failed_hosts,
+        "qemu_refresh": qemu_refresh,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if dry_run:
@@ -152,6 +161,10 @@ def submit(
     max_failed_hosts: Annotated[
         int | None, typer.Option(help="Host failures tolerated before the rollout halts")
     ] = None,
+    qemu_refresh: Annotated[
+        QemuRefresh | None,
+        typer.Option(help="Which guests get a fresh QEMU process (default: the runbook's)"),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Show the plan; create nothing")] = False,
     wait: Annotated[
         bool, typer.Option(help="Wait for the job to end; the exit code tells how it ended")
@@ -177,6 +190,7 @@ def submit(
         hosts=host, all_hosts=all_hosts, selector=selector, runbook=runbook, params=param,
         not_before=not_before, budget=budget, notice=notice,
         max_failed_hosts=max_failed_hosts, dry_run=dry_run,
+        qemu_refresh=None if qemu_refresh is None else qemu_refresh.value,
     )  # fmt: skip
     key = idempotency_key(idempotency_key_opt, os.environ, body)
     with connect(server, token) as client:

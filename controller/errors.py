@@ -38,16 +38,28 @@ class RunbookParamError(InvalidRequest):
     """A runbook parameter is missing, unknown, or does not match its declared pattern."""
 
 
-class HypervisorError(MaintctlError):
-    """A libvirt call failed; code is libvirt's error code where there is one."""
+# What a caller who may not read libvirt's own words is told instead (docs/security.md): libvirt
+# error text can quote a host's files, and only admins see it.
+HOST_PROBLEM_CATEGORIES = ("unreachable", "refused", "timed out", "not found")
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+
+class HypervisorError(MaintctlError):
+    """A libvirt call failed; code is libvirt's error code where there is one, category one of
+    HOST_PROBLEM_CATEGORIES."""
+
+    category = "unreachable"
+
+    def __init__(
+        self, message: str, *, code: int | None = None, category: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        if category is not None:
+            self.category = category
 
 
 class HostUnavailable(HypervisorError):
-    """The host's libvirt daemon cannot be reached."""
+    """The host's libvirt daemon cannot be reached (or refused the connection: category)."""
 
 
 class CallTimedOut(HypervisorError):
@@ -56,9 +68,13 @@ class CallTimedOut(HypervisorError):
     Its outcome is unknown: a suspend or resume may still take effect when it returns.
     """
 
+    category = "timed out"
+
 
 class GuestNotFound(HypervisorError):
     """No guest with that UUID on the host."""
+
+    category = "not found"
 
 
 class AgentUnavailable(HypervisorError):

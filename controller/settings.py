@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from controller.decisions.host_uris import is_test_driver, uri_problem
 from controller.errors import ConfigError, RunbookParamError
 
 DEFAULT_CONFIG_PATH = Path("/etc/maintctl/maintctl.toml")
@@ -64,12 +65,54 @@ def _bind_port(bind: str) -> int:
     return int(bind.rpartition(":")[2])
 
 
+# Secrets that sign or derive credentials: shorter ones can be guessed offline from one value.
+MIN_SECRET_BYTES = 32
+EXAMPLE_SECRETS = frozenset({"change-me-to-32-random-bytes", "change-me-to-32-random-bytes!!!!"})
+
+
+def _long_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is None:
+        return None
+    raw = value.get_secret_value()
+    if raw in EXAMPLE_SECRETS:
+        raise ValueError("is the example's secret: make one of your own")
+    if len(raw.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"is shorter than {MIN_SECRET_BYTES} bytes: make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return value
+
+
 class ServerSettings(_Strict):
     bind: str = "127.0.0.1:8080"
     # Deny by default: turning auth off is allowed only on a loopback bind.
     auth: bool = True
     # Addresses (CIDR) allowed to read GET /metrics without a token; empty: a viewer token only.
     metrics_allow: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256)
+    # HTTPS: a PEM certificate (chain) and its key; both or neither. Read at start and again on
+    # SIGHUP (a renewed certificate is served without a restart).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # A non-loopback bind without TLS is refused unless this says a TLS-terminating proxy sits in
+    # front (docs/security.md#tls-and-proxies).
+    allow_plain_http: bool = False
+    # Peers (CIDR) whose X-Forwarded-For and X-Forwarded-Proto are believed; empty: nobody's, and
+    # every address check (metrics_allow, the auth throttle) uses the peer's own address.
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256)
+    # /docs (Swagger UI, its assets served from the installed package); false leaves it out.
+    docs: bool = True
+    # Signs the dashboard's session cookies; nothing in the database can forge one. Unset: a
+    # random secret kept in session_secret_file, made (0600) at the first start. Replicas behind
+    # one address share one: set it here, or give them the same file.
+    session_secret: SecretStr | None = None
+    # Default: maintctl.secret beside the outbox journal (database.journal_path's directory).
+    session_secret_file: Path | None = None
+
+    @field_validator("session_secret")
+    @classmethod
+    def _session_secret_long(cls, value: SecretStr | None) -> SecretStr | None:
+        return _long_secret(value)
 
     @field_validator("bind")
     @classmethod
@@ -93,12 +136,24 @@ class ServerSettings(_Strict):
         except ValueError:
             return False
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> ServerSettings:
         if not self.auth and not self.is_loopback:
             raise ValueError(
                 f"auth = false is refused on the non-loopback bind {self.bind}: "
                 "anyone on the network could pause your guests"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if not self.tls and not self.is_loopback and not self.allow_plain_http:
+            raise ValueError(
+                f"the non-loopback bind {self.bind} without TLS is refused: tokens would cross "
+                "the network in clear. Give tls_cert and tls_key, or, behind a TLS-terminating "
+                "proxy, allow_plain_http = true (docs/security.md)"
             )
         return self
 
@@ -156,6 +211,9 @@ class SshConfig(_Strict):
     # The libvirt URI the guardian uses on the host. Default: uri without its transport
     # (qemu+ssh://root@hv1/system -> qemu:///system).
     local_uri: str | None = Field(default=None, min_length=1, max_length=512)
+    # Where guests' images are kept during a QEMU refresh on this host (RAM: tmpfs or
+    # hugetlbfs). Default: [maintenance] refresh_dir with "-<user>" appended.
+    refresh_dir: str | None = Field(default=None, min_length=2, max_length=512)
 
     @field_validator("key_file", "known_hosts")
     @classmethod
@@ -174,6 +232,18 @@ class SshConfig(_Strict):
             raise ValueError("must be a host name or an IP address")
         return value
 
+    @field_validator("local_uri")
+    @classmethod
+    def _local_uri_allowed(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = uri_problem(value, origin="config", allow_test_driver=False)
+        if problem is None and uri_transport(value) not in (None, "unix"):
+            problem = "must be the host's own libvirt (qemu:///system, qemu:///session)"
+        if problem is not None:
+            raise ValueError(f"{value} {problem}")
+        return value
+
 
 class HostConfig(_Strict):
     name: Name
@@ -185,6 +255,15 @@ class HostConfig(_Strict):
     # Off only for hosts without a guest agent (libvirt's test driver): the outcome is "disabled".
     sync_clock: bool = True
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_allowed(cls, value: str) -> str:
+        # The test driver's allowance is the settings' (Settings._test_driver_allowed).
+        problem = uri_problem(value, origin="config", allow_test_driver=True)
+        if problem is not None:
+            raise ValueError(f"{value} {problem}")
+        return value
 
     @property
     def over_ssh(self) -> bool:
@@ -231,6 +310,10 @@ class RunbookConfig(_Strict):
     # recorded and killed after kill_grace_seconds; true leaves them running (a runbook that
     # starts a daemon on purpose).
     leave_children: bool = False
+    # After the apply step, still inside the pause, a guest whose QEMU runs a deleted binary or
+    # library ("stale", the default) gets a fresh QEMU process with its memory kept (saved to
+    # RAM and restored); "always" refreshes every guest, "never" none. A job may override it.
+    qemu_refresh: Literal["stale", "always", "never"] = "stale"
 
     @model_validator(mode="before")
     @classmethod
@@ -395,6 +478,22 @@ class MaintenanceSettings(_Strict):
     # machine runs systemd (outside the service's cgroup, which a stop or a crash kills), else
     # in a session of its own; "systemd" requires the scope; "session" never uses one.
     guardian_scope: Literal["auto", "systemd", "session"] = "auto"
+    # QEMU refresh: where a guest's image is kept between its save and its restore. It must be
+    # RAM (tmpfs or hugetlbfs): the service refuses to start otherwise. A host reached over SSH
+    # uses its [hosts.ssh] refresh_dir, else this path with "-<its login>" appended.
+    # (In a shared directory: maintctl refuses one it does not own alone, or that others can read
+    # or enter, or that is a symbolic link.)
+    refresh_dir: str = Field(
+        default="/dev/shm/maintctl-refresh",  # noqa: S108
+        min_length=2,
+        max_length=512,
+    )
+    # How many guests of one host are saved and restored at once (free space in refresh_dir
+    # permitting).
+    refresh_parallel: int = Field(default=2, ge=1, le=16)
+    # The refresh of a guest takes this long per GiB of its memory (save and restore) until the
+    # host's own refreshes say better: a conservative default from this project's measurements.
+    refresh_seconds_per_gib: float = Field(default=25.0, gt=0, le=600)
     max_parallel_jobs: int = Field(default=4, ge=1, le=64)
     # Every libvirt call is abandoned after this long (a hung QEMU or libvirtd); a resume that
     # is not confirmed by then is recorded resume_pending and retried in the background.
@@ -408,6 +507,9 @@ class MaintenanceSettings(_Strict):
     # A job's notice, unless it asks for its own: its Scheduled Events are published this long
     # before its first pause (the Freeze notice of the metadata service); 0 starts at once.
     notice_seconds: float = Field(default=900.0, ge=0, le=86400)
+    # libvirt's test driver (test:///default, test:///PATH.xml) as a host: tests and benchmarks
+    # only. Off, any test:// URI is refused, from the config file and the API alike.
+    allow_test_driver: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> MaintenanceSettings:
@@ -430,6 +532,11 @@ class MaintenanceSettings(_Strict):
 
 
 GuestName = Annotated[str, Field(min_length=1, max_length=255)]
+AddressSource = Literal["lease", "arp"]
+
+
+def _from_leases() -> list[AddressSource]:
+    return ["lease"]
 
 
 class MetadataSettings(_Strict):
@@ -439,14 +546,32 @@ class MetadataSettings(_Strict):
 
     # For example "169.254.169.254:80" on the guests' bridge. No operator API, no bearer token.
     bind: str | None = None
-    # Who is asking, by source address: {"192.0.2.10" = "guest-name"}. Addresses libvirt
-    # reports for a guest (through its agent, else DHCP leases) are added to these.
+    # Who is asking, by source address: {"192.0.2.10" = "guest-name"}. Addresses libvirt learns
+    # for a guest from outside it (learn_addresses) are added to these.
     source_addresses: dict[str, GuestName] = Field(default_factory=dict, max_length=100000)
+    # Where those come from: "lease" (libvirt's DHCP leases), "arp" (the host's ARP table); never
+    # the guest's own agent, which reports whatever the guest says. [] learns none.
+    learn_addresses: list[AddressSource] = Field(default_factory=_from_leases, max_length=2)
+    # A learned address counts only on an interface that libvirt filters with one of these
+    # nwfilters (they drop a guest's packets sent from an address that is not its own). []
+    # counts every interface: only where the network itself prevents spoofing.
+    spoofing_filters: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]] = Field(
+        default_factory=lambda: ["clean-traffic", "clean-traffic-gateway"], max_length=32
+    )
     # Guest-scoped tokens (`maintctl metadata token GUEST`) are HMACs of the guest's name with
     # this secret; unset, only addresses identify a caller.
     token_secret: SecretStr | None = None
-    # More requests than this per second from one caller are answered 429.
+    # More requests than this per second from one address, or for one guest (however many
+    # addresses its token comes from), are answered 429.
     requests_per_second: int = Field(default=5, ge=1, le=1000)
+    # The listener runs in a process of its own (docs/security.md#the-guest-network). Open
+    # connections at most, in all and from one address; more are answered at once and closed.
+    max_connections: int = Field(default=512, ge=8, le=65536)
+    max_connections_per_source: int = Field(default=16, ge=1, le=4096)
+    # A request's line and headers must arrive within this of its connection (or of the answer
+    # before it), its body within body_timeout_seconds; slower clients are dropped.
+    header_timeout_seconds: float = Field(default=5.0, ge=0.1, le=60)
+    body_timeout_seconds: float = Field(default=5.0, ge=0.1, le=60)
     # An event stays in the document this long after its pause is over and clocks are synced.
     grace_seconds: float = Field(default=15.0, ge=0, le=3600)
     # Write each guest's document into it through the agent, and run its hooks.
@@ -464,6 +589,21 @@ class MetadataSettings(_Strict):
     @classmethod
     def _bind_is_host_port(cls, value: str | None) -> str | None:
         return None if value is None else _host_port(value)
+
+    @field_validator("token_secret")
+    @classmethod
+    def _token_secret_long(cls, value: SecretStr | None) -> SecretStr | None:
+        return _long_secret(value)
+
+    @field_validator("learn_addresses", mode="before")
+    @classmethod
+    def _never_the_agent(cls, value: Any) -> Any:
+        if isinstance(value, list) and "agent" in value:
+            raise ValueError(
+                '"agent" is not a source: a guest\'s agent reports whatever the guest says, '
+                "so a guest could claim a neighbour's address (use lease or arp)"
+            )
+        return value
 
     @property
     def host(self) -> str:
@@ -575,6 +715,18 @@ class Settings(BaseSettings):
         # The TOML file arrives as init kwargs; the environment overrides it.
         return (env_settings, init_settings)
 
+    @property
+    def apply_timeouts(self) -> dict[str, float]:
+        """Each runbook's apply timeout: the pause a runbook without history is announced with."""
+        return {name: runbook.timeout_seconds for name, runbook in self.runbooks.items()}
+
+    @property
+    def session_secret_path(self) -> Path:
+        """Where the dashboard's session secret is kept when server.session_secret is unset."""
+        return self.server.session_secret_file or self.database.journal_path.parent / (
+            "maintctl.secret"
+        )
+
     @field_validator("hosts")
     @classmethod
     def _unique_host_names(cls, hosts: list[HostConfig]) -> list[HostConfig]:
@@ -593,6 +745,16 @@ class Settings(BaseSettings):
         if twice:
             raise ValueError(f"webhook {twice[0]!r} is declared twice")
         return webhooks
+
+    @model_validator(mode="after")
+    def _test_driver_allowed(self) -> Settings:
+        if self.maintenance.allow_test_driver:
+            return self
+        for host in self.hosts:
+            if is_test_driver(host.uri):
+                problem = uri_problem(host.uri, origin="config", allow_test_driver=False)
+                raise ValueError(f"host {host.name!r}: uri {host.uri} {problem}")
+        return self
 
     @model_validator(mode="after")
     def _guardian_on_remote_hosts(self) -> Settings:

@@ -28,11 +28,22 @@ if [ -e /dev/kvm ]; then
 fi
 
 mkdir -p /var/run/libvirt /var/log/libvirt
+# A daemon keeps nothing its caller holds open: virtlogd keeps inherited descriptors, so a lock
+# held around this script (`flock LOCK make test`) would otherwise stay held as long as it runs.
+detached() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    exec "$@"
+  )
+}
 # Ask the system daemons themselves: other users' session daemons share the process names.
-if ! pgrep -u root -x virtlogd >/dev/null; then virtlogd -d; fi
+if ! pgrep -u root -x virtlogd >/dev/null; then detached virtlogd -d; fi
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   echo "install-debian: starting libvirtd"
-  libvirtd -d
+  detached libvirtd -d
   for _ in $(seq 1 100); do
     virsh -c qemu:///system version >/dev/null 2>&1 && break
     sleep 0.1

@@ -31,6 +31,20 @@ from tests.testbed import BedGuest, TestBed
 # inherit it.
 os.environ.setdefault("MAINTCTL_MAINTENANCE_NOTICE_SECONDS", "0")
 
+# Tests of the real bed share one libvirtd, its guests and one PostgreSQL server, and some of
+# them stop those: under pytest-xdist they all run in one worker, one at a time ("bed" group),
+# and everything else runs beside them.
+BED_MARKS = ("qemu", "postgres", "faults")
+BED_FIXTURES = {"bed", "_bed_guests", "bed_guests", "pg_url", "second_host", "ssh_host"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & BED_FIXTURES or any(item.get_closest_marker(m) for m in BED_MARKS):
+            item.add_marker(pytest.mark.xdist_group("bed"))
+
+
 PG_URL = os.environ.get(
     "MAINTCTL_TEST_PG_URL", "postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl"
 )
@@ -120,6 +134,8 @@ def make_settings(hosts: list[dict[str, Any]], **maintenance: Any) -> Settings:
         # Sleeps past any budget: the watchdog must kill it.
         "hang": {"argv": ["sleep", "300"], "timeout_seconds": 4},
     }
+    # libvirt's test driver is for tests and benchmarks only: allowed here, explicitly.
+    maintenance = {"allow_test_driver": True} | maintenance
     return Settings(hosts=hosts, runbooks=runbooks, maintenance=maintenance)
 
 

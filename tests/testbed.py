@@ -136,7 +136,9 @@ class TestBed:
                 removed.append(name)
         return removed
 
-    def _create(self, name: str, memory_mib: int) -> libvirt.virDomain:
+    def _create(
+        self, name: str, memory_mib: int, *, emulator: str | None = None
+    ) -> libvirt.virDomain:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         console = self.log_dir / f"{name}.log"
         if console.exists():
@@ -149,6 +151,8 @@ class TestBed:
             console=escape(str(console)),
             tsc="" if self.tsc_khz is None else f" tsc_early_khz={self.tsc_khz}",
         )
+        if emulator is not None:  # a QEMU binary of its own, not the host's default
+            xml = xml.replace("<devices>", f"<devices><emulator>{escape(emulator)}</emulator>")
         return self.conn.createXML(xml, 0)
 
     def boot(self, names: list[str], *, memory_mib: int = 128) -> list[BedGuest]:

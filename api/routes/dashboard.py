@@ -19,7 +19,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import HostPingsDep, LoginRequired, SessionDep, SettingsDep, get_ctx, requires
+from api.deps import (
+    HostPingsDep,
+    LoginRequired,
+    SessionDep,
+    SettingsDep,
+    client_address,
+    get_failed_auth,
+    get_service,
+    requires,
+)
 from api.pause_chart import pause_chart
 from api.schemas import DashboardPublic
 from controller.hosts.host_pings import HostPings
@@ -168,6 +177,7 @@ LOGIN_BODY = {
     responses={
         303: {"description": "Logged in: the session cookie is set; on to /dashboard"},
         401: {"content": {"text/html": {}}, "description": "Wrong token: the form again"},
+        429: {"content": {"text/html": {}}, "description": "Too many wrong tokens from here"},
         403: {"content": {"text/html": {}}, "description": "Posted from another site"},
         422: {"content": {"text/html": {}}, "description": "No token given: the form again"},
     },
@@ -181,8 +191,19 @@ async def login(request: Request) -> Response:
     token = form.get("token", "").strip()
     if not token or len(token) > MAX_SECRET_LENGTH:
         return _page("login.html", 422, error="Paste an API token.")
-    opened = await run_in_threadpool(_open, get_ctx(request).session_factory, token)
+    throttle, source = get_failed_auth(request), client_address(request)
+    wait = throttle.retry_after(source)
+    if wait is not None:
+        return _page(
+            "login.html",
+            429,
+            {"Retry-After": str(wait)},
+            error=f"Too many wrong tokens from here: try again in {wait} s.",
+        )
+    service = get_service(request)
+    opened = await run_in_threadpool(_open, service.ctx.session_factory, service.session_key, token)
     if opened is None:
+        throttle.failed(source)
         return _page(
             "login.html",
             401,
@@ -206,24 +227,41 @@ async def login(request: Request) -> Response:
     "/dashboard/logout",
     status_code=303,
     response_class=RedirectResponse,
-    responses={303: {"description": "The session cookie is cleared; on to the login form"}},
+    responses={
+        303: {"description": "The session cookie is cleared; on to the login form"},
+        403: {"content": {"text/html": {}}, "description": "Posted from another site"},
+    },
     **requires(None),
 )
-def logout() -> Response:
-    """Forget the session cookie."""
+def logout(request: Request) -> Response:
+    """Forget the session cookie (only when asked from the dashboard's own page)."""
+    if not _same_origin(request):
+        return _page("login.html", 403, error="Log out from the dashboard's own page.")
     response = RedirectResponse("/dashboard/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return response
 
 
-def _open(session_factory: sessionmaker[Session], token: str) -> str | None:
+def _open(session_factory: sessionmaker[Session], key: bytes, token: str) -> str | None:
     with unit_of_work(session_factory, read_only=True) as s:
-        opened = open_session(s, token, now=utcnow())
+        opened = open_session(s, token, key=key, now=utcnow())
     return None if opened is None else opened[1]
 
 
 def _same_origin(request: Request) -> bool:
-    """A login posted from another site is refused (no login CSRF); no Origin header is fine."""
+    """A login or logout posted from another site is refused (no CSRF). A browser that says
+    where the request comes from (Sec-Fetch-Site) is believed: it sends `Origin: null` on our
+    own form, since every page says Referrer-Policy: no-referrer. Otherwise the Origin must be
+    this server; a client that sends neither (curl, a script) is not a browser being abused."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site in ("same-origin", "none")
     origin = request.headers.get("origin")
     return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 

@@ -22,14 +22,22 @@ def list_hosts(session: SessionDep) -> list[HostPublic]:
 
 
 @router.get("/{name}", response_model=HostDetail, **requires(Role.VIEWER))
-def get_host(name: str, session: SessionDep, ctx: CtxDep) -> HostDetail:
-    """One host with its guests, read live from libvirt."""
+def get_host(name: str, session: SessionDep, ctx: CtxDep, who: PrincipalDep) -> HostDetail:
+    """One host with its guests, read live from libvirt (libvirt's error text: admins only)."""
     listing = inventory.inspect_host(session, ctx.hypervisors, name=name)
     return HostDetail(
         **_public(listing.host).model_dump(),
         reachable=listing.error is None,
-        error=listing.error,
-        guests=[GuestPublic.model_validate(g) for g in listing.guests],
+        error=listing.error_for(admin=who.role.allows(Role.ADMIN)),
+        guests=[
+            GuestPublic.model_validate(g).model_copy(
+                update={
+                    "qemu_pid": listing.qemu[g.uuid].pid if g.uuid in listing.qemu else None,
+                    "qemu_stale": listing.qemu[g.uuid].stale if g.uuid in listing.qemu else None,
+                }
+            )
+            for g in listing.guests
+        ],
     )
 
 
@@ -41,7 +49,12 @@ def add_host(
     fields = body.model_dump(mode="json", exclude={"ssh"})
     ssh = None if body.ssh is None else body.ssh.model_dump(mode="json", exclude_none=True)
     host = inventory.add_host(
-        session, **fields, ssh=ssh, guardian=settings.maintenance.guardian, actor=who.name
+        session,
+        **fields,
+        ssh=ssh,
+        guardian=settings.maintenance.guardian,
+        allow_test_driver=settings.maintenance.allow_test_driver,
+        actor=who.name,
     )
     return _public(host)
 

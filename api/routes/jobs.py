@@ -92,6 +92,7 @@ def _request(body: JobCreate) -> job_service.JobRequest:
         exclude_guests=body.exclude_guests,
         busy_guests=BusyGuestPolicy(body.busy_guests),
         window=body.window,
+        qemu_refresh=body.qemu_refresh,
     )
 
 

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from controller.cycle.recording import HostRecorder, PauseResult, WallClock
+from controller.cycle.measures import PauseResult, WallClock
+from controller.cycle.recording import HostRecorder
 from controller.cycle.runtime import HostRef, JobSpec, Runtime
 from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
 from controller.hosts.guardian_link import GuardianLink

@@ -41,11 +41,19 @@ def start_guardian(ctx: Runtime, host: HostRef, targets: list[GuestInfo]) -> Gua
 
 
 def arm_guardian(
-    ctx: Runtime, guardian: GuardianLink, spec: JobSpec, targets: list[GuestInfo]
+    ctx: Runtime,
+    guardian: GuardianLink,
+    spec: JobSpec,
+    targets: list[GuestInfo],
+    images: dict[str, str],
 ) -> None:
-    """Watch the targets; armed half the resume reserve before the hard budget, so that a
-    guardian that has to act (we are stuck) still has the time to reconnect and resume."""
+    """Watch the targets, knowing where each one's image would be while its QEMU is refreshed
+    (a rescue restores a guest that is only an image); armed half the resume reserve before the
+    hard budget, so that a guardian that has to act (we are stuck) still has the time to
+    reconnect and resume."""
     guardian.watch([g.uuid for g in targets])
+    if images:
+        guardian.images(images)
     reserve = ctx.settings.maintenance.resume_reserve_seconds
     guardian.arm(time.time() + spec.budget - reserve / 2)
 

@@ -59,7 +59,13 @@ def _publish_and_tell(
     with unit_of_work(ctx.session_factory) as s:
         event_id = s.get_one(JobHost, lease.item_id).event_id
         guest_documents.set_resources(s, lease.item_id, sorted(names))
-        guest_documents.publish(s, now=utcnow(), grace_seconds=md.grace_seconds, only=names)
+        guest_documents.publish(
+            s,
+            now=utcnow(),
+            grace_seconds=md.grace_seconds,
+            apply_timeouts=ctx.settings.apply_timeouts,
+            only=names,
+        )
         # Changed now, or earlier by the publisher (which leaves a running host's guests to the
         # cycle): every document of these guests not written into them yet.
         changed = {d.guest: d for d in guest_documents.unpushed_of(s, names)}

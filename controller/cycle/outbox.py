@@ -425,7 +425,9 @@ class Outbox:
         if not fresh or self._journal is None:
             return
         try:
-            with open(self._journal, "a", encoding="utf-8") as f:
+            # Records name guests and hosts: the owner alone reads them (like the database).
+            fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
                 for b in fresh:
                     f.write(b.to_line() + "\n")
                 f.flush()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from controller.cycle.recording import PauseResult
+from controller.cycle.measures import PauseResult
 from controller.cycle.runtime import Runtime
 from controller.decisions.guests import GuestInfo
 from controller.errors import CallTimedOut, HostUnavailable, HypervisorError

@@ -9,20 +9,26 @@ order (and keeps them in its journal while the database is away). The host cycle
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.cycle.guest_notices import GuestNotices, HookRun
+from controller.cycle.measures import (
+    PauseResult,
+    WallClock,
+    resumed_values,
+    step_outcome,
+    synced_values,
+)
 from controller.cycle.outbox import AddEvent, Op, Outbox, ResolveIntent, UpdateGuest, WhileHeld
 from controller.cycle.resumption import ResumeTask
 from controller.cycle.runtime import HostRef, JobSpec
 from controller.decisions.guests import GuestInfo
+from controller.decisions.refresh_plan import Candidate
 from controller.decisions.runbook_outcomes import RunbookOutcome, RunbookResult
 from controller.decisions.verdicts import BudgetExceeded
 from controller.hosts.clock import ClockSync
@@ -35,37 +41,6 @@ from controller.store.guest_cache import record_guest_states
 from controller.store.models import JobGuest, PauseIntent, utcnow
 from controller.work.guest_documents import Published
 from controller.work.items import Lease
-
-
-class WallClock:
-    """Turns time.monotonic() readings into UTC datetimes that agree with each other."""
-
-    def __init__(self) -> None:
-        self._mono = time.monotonic()
-        self._wall = datetime.now(UTC)
-
-    def at(self, mono: float) -> datetime:
-        return self._wall + timedelta(seconds=mono - self._mono)
-
-
-def pause_ms(paused_at: datetime, resumed_at: datetime) -> float:
-    """A guest's pause in ms, from just before the suspend request to the confirmed resume.
-
-    The one place a pause is measured: the cycle, the late resumes and recovery all use it.
-    """
-    return round((resumed_at - paused_at).total_seconds() * 1000, 3)
-
-
-@dataclass(frozen=True)
-class PauseResult:
-    guest: GuestInfo
-    paused: bool  # True only if this call paused it: only those are ours to resume
-    started: float  # monotonic, just before the suspend call
-    finished: float
-    error: str | None = None
-    # The call was abandoned or the connection dropped mid-call: it may still pause the guest,
-    # so the guest is resumed (and its intent kept open) as if it had been paused.
-    uncertain: bool = False
 
 
 def _late(task: ResumeTask) -> str:
@@ -150,9 +125,10 @@ class HostRecorder:
         guests: list[GuestInfo],
         skipped: list[tuple[GuestInfo, str]],
         blockers: list[tuple[GuestInfo, str]],
+        stale: dict[str, bool | None] | None = None,
     ) -> None:
         with self._tx() as s:
-            record_guest_states(s, self.host, guests)
+            record_guest_states(s, self.host, guests, stale)
             for guest, why in skipped + blockers:
                 s.add(
                     JobGuest(
@@ -184,8 +160,9 @@ class HostRecorder:
                 blockers=len(blockers),
             )
 
-    def intents(self, targets: list[GuestInfo]) -> None:
-        """The write-ahead record: committed before any suspend call is made."""
+    def intents(self, targets: list[GuestInfo], images: Mapping[str, str] | None = None) -> None:
+        """The write-ahead record: committed before any suspend call is made; with where each
+        guest's image would be if its QEMU is refreshed."""
         self._pausing = True
         with self._tx() as s:
             for guest in targets:
@@ -196,6 +173,7 @@ class HostRecorder:
                         host_uri=self.host_uri,
                         guest=guest.name,
                         guest_uuid=guest.uuid,
+                        image_path=(images or {}).get(guest.uuid),
                     )
                 )
             self._event(
@@ -338,6 +316,88 @@ class HostRecorder:
             )
         )
 
+    # --- QEMU refresh ----------------------------------------------------------------------
+
+    def refresh_not_done(self, why: str, guests: list[str] | None = None) -> None:
+        self._record(
+            "qemu_refresh_not_done",
+            f"no QEMU refreshed on {self.host}: {why}",
+            guests=guests or [],
+            reason=why,
+            warning=True,
+        )
+
+    def refresh_skipped(self, guest: Candidate, why: str, predicted_s: float | None) -> None:
+        self._record(
+            "qemu_refresh_skipped",
+            f"{guest.name}: not refreshed, resumed in its old QEMU process: {why}",
+            guest.name,
+            memory_mib=guest.memory_bytes // 2**20,
+            predicted_s=predicted_s,
+            stale=guest.stale,
+            reason=why,
+            warning=True,
+        )
+
+    def refresh_failed(
+        self, guest: Candidate, step: str, error: str, image: str, *, kept: bool
+    ) -> None:
+        where = f"; its image is kept at {image}" if kept else "; resumed in its old process"
+        self._record(
+            "qemu_refresh_failed",
+            f"{guest.name}: the {step} of its QEMU refresh failed: {error}{where}"[:2000],
+            guest.name,
+            step=step,
+            error=error[:1000],
+            image=image if kept else None,
+            warning=True,
+        )
+
+    def refreshed(
+        self,
+        guest: Candidate,
+        *,
+        save_s: float,
+        restore_s: float,
+        image_bytes: int | None,
+        old_pid: int | None,
+        new_pid: int | None,
+        old_version: str | None,
+        new_version: str | None,
+        stale_after: bool | None,
+        predicted_s: float | None,
+    ) -> None:
+        gib = guest.memory_bytes / 2**30 if guest.memory_bytes else None
+        self._record(
+            "qemu_refreshed",
+            f"{guest.name}: fresh QEMU process {old_pid} -> {new_pid} "
+            f"(save {save_s:.2f} s, restore {restore_s:.2f} s)",
+            guest.name,
+            save_s=round(save_s, 3),
+            restore_s=round(restore_s, 3),
+            seconds_per_gib=None if not gib else round((save_s + restore_s) / gib, 3),
+            predicted_s=predicted_s,
+            image_bytes=image_bytes,
+            memory_bytes=guest.memory_bytes,
+            old_pid=old_pid,
+            new_pid=new_pid,
+            old_version=old_version,
+            new_version=new_version,
+            stale_before=guest.stale,
+            stale_after=stale_after,
+        )
+
+    def image_removed(self, guest: str, image: str, error: str | None) -> None:
+        if error is None:
+            return  # the refresh's own record says it all
+        self._record(
+            "qemu_image_not_removed",
+            f"{guest}: its image {image} could not be removed: {error}",
+            guest,
+            image=image,
+            warning=True,
+        )
+
     def resume_pending(self, task: ResumeTask, waited: float) -> None:
         self.outbox.submit(
             self._guest_update(task, status="resume_pending"),
@@ -415,44 +475,3 @@ class HostRecorder:
         self.outbox.submit(
             self._add_event("budget_exceeded", exceeded.message, guests=exceeded.guests)
         )
-
-
-# --- one step's and one guest's outcome: the same values wherever they are recorded ----------
-
-
-def step_outcome(runbook: str, step: str, rb: RunbookResult) -> tuple[str, dict[str, Any]]:
-    """The message and details of a finished step's event."""
-    message = (
-        f"{step} of runbook {runbook}: {rb.outcome.value} (exit {rb.exit_code}) "
-        f"after {rb.duration_s:.3f} s"
-    )
-    details: dict[str, Any] = {
-        "step": step,
-        "outcome": rb.outcome.value,
-        "exit_code": rb.exit_code,
-        "duration_s": round(rb.duration_s, 6),
-        "stdout": rb.stdout,
-        "stderr": rb.stderr,
-        "error": rb.error,
-    }
-    return message, details
-
-
-def resumed_values(paused_at: datetime | None, resumed_at: datetime) -> dict[str, Any]:
-    """A resumed guest's row; pause_ms is computed here and only here."""
-    ms = None if paused_at is None else pause_ms(paused_at, resumed_at)
-    return {
-        "paused_at": paused_at,
-        "resumed_at": resumed_at,
-        "pause_ms": ms,
-        "status": "resumed",
-        "flagged": None,
-    }
-
-
-def synced_values(c: ClockSync) -> dict[str, Any]:
-    return {
-        "clock_skew_ms": c.skew_ms,
-        "sync_method": c.method.value,
-        "sync_outcome": c.outcome.value,
-    }

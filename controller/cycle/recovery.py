@@ -21,13 +21,15 @@ from typing import Any
 from sqlalchemy import select
 
 from controller.cycle.clock_sync import Turnstile, sync_one
+from controller.cycle.measures import resumed_values, synced_values
 from controller.cycle.outbox import AddEvent, Outbox, ResolveIntent, UpdateGuest
-from controller.cycle.recording import resumed_values, synced_values
-from controller.cycle.resumption import ResumeTask
+from controller.cycle.resumption import FromImage, ResumeTask
 from controller.cycle.runtime import Runtime
 from controller.decisions.states import ACTIVE, JobState, is_terminal
+from controller.errors import HypervisorError
 from controller.hosts.clock import ClockSync
 from controller.hosts.guardian import Settled, SettleKind
+from controller.hosts.machine import Machine
 from controller.store.db import unit_of_work
 from controller.store.events import record_event
 from controller.store.models import Host, Job, JobGuest, JobHost, PauseIntent, utcnow
@@ -52,6 +54,8 @@ class OpenIntent:
     # the intent's creation, committed just before the suspend call: an upper bound, like pause_ms.
     paused_at: datetime | None
     sync_clock: bool
+    image_path: str | None = None  # where its image is if it was saved in a QEMU refresh
+    ssh: dict[str, Any] | None = None  # its host's ssh section: where that image is
 
 
 def _take_over_expired(ctx: Runtime) -> None:
@@ -109,7 +113,7 @@ def _orphans(ctx: Runtime) -> tuple[list[OpenIntent], list[int]]:
     )
     with unit_of_work(ctx.session_factory) as s:
         rows = s.execute(
-            select(PauseIntent, Job, JobGuest.paused_at, Host.sync_clock)
+            select(PauseIntent, Job, JobGuest.paused_at, Host.sync_clock, Host.ssh)
             .join(Job, Job.id == PauseIntent.job_id)
             .outerjoin(
                 JobGuest,
@@ -131,8 +135,10 @@ def _orphans(ctx: Runtime) -> tuple[list[OpenIntent], list[int]]:
                 i.guest_uuid,
                 paused_at or i.created_at,  # killed before the pause was recorded: an upper bound
                 True if sync_clock is None else sync_clock,
+                i.image_path,
+                ssh,
             )
-            for i, job, paused_at, sync_clock in rows
+            for i, job, paused_at, sync_clock, ssh in rows
             if job.id not in ctx.active
         ]
         holding = set(s.scalars(select(JobHost.job_id).where(JobHost.state.in_(HELD))))
@@ -221,6 +227,13 @@ class _Recovery:
                 retry_seconds=m.clock_sync_retry_seconds,
                 turnstile=Turnstile(),
             )
+            if i.image_path is not None:  # it runs: an image of it, if any, may go
+                try:
+                    Machine.of(i.ssh).remove(i.image_path)
+                except HypervisorError as exc:
+                    log.warning(
+                        "the image %s of %s was not removed: %s", i.image_path, i.guest, exc
+                    )
         record_recovered(
             self.ctx.outbox,
             job_id=i.job_id,
@@ -273,8 +286,11 @@ def reconcile(*, ctx: Runtime) -> list[ResumeTask]:
             task = ctx.resumer.task(intent.host_uri, intent.uuid)
             if task is None:
                 hv = ctx.hypervisors.get(intent.host_uri)
+                image = None
+                if intent.image_path is not None:  # maybe it is only that image: restored first
+                    image = FromImage(hv, Machine.of(intent.ssh), intent.image_path)
                 task = ctx.resumer.resume(
-                    hv, intent.uuid, intent.guest, then=_Recovery(ctx, intent)
+                    hv, intent.uuid, intent.guest, then=_Recovery(ctx, intent), image=image
                 )
                 tasks.append(task)
             # else already in hand (a late resume of a job of this process, or of a past pass)

@@ -15,11 +15,12 @@ import queue
 import time
 from collections.abc import Callable
 
-from controller.cycle.resumption import ResumeTask
-from controller.cycle.runtime import Runtime
+from controller.cycle.resumption import FromImage, ResumeTask
+from controller.cycle.runtime import HostRef, Runtime
 from controller.decisions.guests import GuestInfo
 from controller.hosts.guardian import SettleKind
 from controller.hosts.hypervisor import Hypervisor
+from controller.hosts.machine import Machine
 
 # How long the first guest back waits for the others before its clock is synced.
 SPREAD_SECONDS = 0.1
@@ -29,11 +30,31 @@ class Resumes:
     """One host's resumes, in flight."""
 
     def __init__(
-        self, ctx: Runtime, hv: Hypervisor, guests: list[GuestInfo], fence: Callable[[], bool]
+        self,
+        ctx: Runtime,
+        hv: Hypervisor,
+        guests: list[GuestInfo],
+        fence: Callable[[], bool],
+        *,
+        images: dict[str, str] | None = None,
+        host: HostRef | None = None,
     ) -> None:
+        """`images`: guests saved in a QEMU refresh (restored or not): resumed from the image
+        if they are still only that, and their pause for "migration" is maintctl's."""
         self.started = time.monotonic()
         self._settled: queue.SimpleQueue[ResumeTask] = queue.SimpleQueue()
-        self.tasks = [ctx.resumer.resume(hv, g.uuid, g.name, fence=fence) for g in guests]
+        machine = Machine.of(None if host is None else host.ssh)
+        images = images or {}
+        self.tasks = [
+            ctx.resumer.resume(
+                hv,
+                g.uuid,
+                g.name,
+                fence=fence,
+                image=FromImage(hv, machine, images[g.uuid]) if g.uuid in images else None,
+            )
+            for g in guests
+        ]
         for task in self.tasks:
             task.watch(self._settled.put)
 

@@ -19,21 +19,48 @@ from controller.hosts.deadlines import run_on_thread
 from controller.hosts.guardian import (
     RETRY_CAP_SECONDS,
     RETRY_FIRST_SECONDS,
+    Resumable,
     Settled,
     SettleKind,
     settle,
 )
 from controller.hosts.hypervisor import Hypervisor
+from controller.hosts.machine import Machine
 
 log = logging.getLogger(__name__)
+# A restore from an image in RAM: seconds for a guest of a few GiB.
+RESTORE_SECONDS = 60.0
 
 
 def _gone(exc: BaseException) -> bool:
     return isinstance(exc, GuestNotFound)
 
 
+class FromImage:
+    """A guest that may exist only as its image (saved in a QEMU refresh, not restored yet): a
+    resume that finds it gone, or shut off after its save, restores it first (its new QEMU
+    process starts paused for "migration", which is maintctl's pause), then resumes it."""
+
+    def __init__(self, hv: Hypervisor, machine: Machine, path: str) -> None:
+        self.hv, self.machine, self.path = hv, machine, path
+        self.uri = hv.uri
+
+    def state(self, uuid: str) -> tuple[str, str]:
+        return self.hv.state(uuid)
+
+    def resume(self, uuid: str, restored: bool = True) -> bool:
+        try:
+            state: str = self.hv.state(uuid)[0]
+        except GuestNotFound:
+            state = "gone"
+        if state in ("gone", "shutoff") and self.machine.exists(self.path):
+            log.warning("%s is only its image %s: restoring it", uuid, self.path)
+            self.hv.restore(uuid, self.path, RESTORE_SECONDS)
+        return self.hv.resume(uuid, restored=True)
+
+
 def resume_until_settled(
-    hv: Hypervisor,
+    hv: Resumable,
     uuid: str,
     *,
     stop: threading.Event,
@@ -41,6 +68,7 @@ def resume_until_settled(
     fence: Callable[[], bool] | None = None,
     first_delay: float = RETRY_FIRST_SECONDS,
     max_delay: float = RETRY_CAP_SECONDS,
+    restored: bool = False,
 ) -> Settled | None:
     """guardian.settle() on this process's own connection to the host."""
     return settle(
@@ -52,6 +80,7 @@ def resume_until_settled(
         fence=fence,
         first_delay=first_delay,
         max_delay=max_delay,
+        restored=restored,
     )
 
 
@@ -136,26 +165,37 @@ class Resumer:
         *,
         then: Callable[[ResumeTask], Any] | None = None,
         fence: Callable[[], bool] | None = None,
+        image: FromImage | None = None,
     ) -> ResumeTask:
+        """`image`: the guest may exist only as this image (a QEMU refresh): restored first."""
         key = (hv.uri, uuid)
         with self._lock:
             if key in self._tasks:
                 return self._tasks[key]
             task = ResumeTask(hv.uri, uuid, name)
             self._tasks[key] = task
-        run_on_thread(lambda: self._run(hv, task, then, fence), f"resume-{name}"[:40])
+        via: Resumable = hv if image is None else image
+        run_on_thread(
+            lambda: self._run(via, task, then, fence, image is not None), f"resume-{name}"[:40]
+        )
         return task
 
     def _run(
         self,
-        hv: Hypervisor,
+        hv: Resumable,
         task: ResumeTask,
         then: Callable[[ResumeTask], Any] | None,
         fence: Callable[[], bool] | None,
+        restored: bool,
     ) -> None:
         try:
             settled = resume_until_settled(
-                hv, task.uuid, stop=self._stop, on_failure=task._note_failure, fence=fence
+                hv,
+                task.uuid,
+                stop=self._stop,
+                on_failure=task._note_failure,
+                fence=fence,
+                restored=restored,
             )
             if settled is None:
                 # Shutting down: the intent stays open for the guardian and the next start.

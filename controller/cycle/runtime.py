@@ -155,6 +155,7 @@ class JobSpec:
     notice: float
     rollout: RolloutPolicy
     window: str | None = None  # the maintenance window its hosts start in
+    qemu_refresh: str | None = None  # stale | always | never; None: as its runbook says
 
     @classmethod
     def of(cls, job: Job) -> JobSpec:
@@ -170,6 +171,7 @@ class JobSpec:
             notice=job.notice_seconds,
             rollout=RolloutPolicy.of(job.rollout or {}),
             window=job.window,
+            qemu_refresh=job.qemu_refresh,
         )
 
 

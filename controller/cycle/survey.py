@@ -14,6 +14,7 @@ from controller.decisions.verdicts import HostResult
 from controller.errors import HypervisorError
 from controller.hosts.hypervisor import Hypervisor
 from controller.hosts.launcher import missing_program
+from controller.hosts.machine import Machine
 
 # A running guest's QEMU must answer a query within this before it is paused.
 PROBE_SECONDS = 1.0
@@ -31,6 +32,15 @@ def _probed(ctx: Runtime, hv: Hypervisor, guests: list[GuestInfo]) -> list[Guest
         )
     )
     return [g if answers.get(g.uuid, True) else replace(g, unresponsive=True) for g in guests]
+
+
+def _staleness(host: HostRef, guests: list[GuestInfo]) -> dict[str, bool | None] | None:
+    """Whether each running guest's QEMU is stale, for the guest cache (and its metric)."""
+    running = [g.uuid for g in guests if g.state is GuestState.RUNNING]
+    try:
+        return {u: p.stale for u, p in Machine.of(host.ssh).qemu_processes(running).items()}
+    except HypervisorError:
+        return None  # not known: the cache keeps what it had
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ def survey_host(
         return Survey(ended=HostResult("host_unavailable", str(exc)))
     guests = _probed(ctx, hv, guests)
     plan = classify_guests(guests, exclude=spec.exclude_guests, busy=spec.busy)
-    record.preflight(guests, plan.skipped, plan.blockers)
+    record.preflight(guests, plan.skipped, plan.blockers, _staleness(host, guests))
     if plan.blockers:
         names = ", ".join(g.name for g, _ in plan.blockers)
         return Survey(ended=HostResult("guest_busy", f"guests with an active libvirt job: {names}"))

@@ -8,8 +8,8 @@ Each pass (every `metadata.publish_interval_seconds`, and at once when poked):
   queue in front of a resume's clock sync);
 - a guest that sees a Scheduled event for the first time runs its freeze hooks; all of them
   exiting 0 approve the event, which may end the notice early;
-- every few passes, the addresses libvirt reports for guests with a document are refreshed
-  (who is asking, for the metadata listener).
+- every few passes, while the metadata listener is on, every host's guests are listed with the
+  addresses libvirt learned for them from outside the guest (who is asking, for the listener).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from controller.cycle.guest_notices import HookRun, agentless, freeze_ran, recor
 from controller.cycle.runtime import Runtime
 from controller.decisions.guests import GuestInfo
 from controller.decisions.preflight import BusyGuestPolicy, classify_guests
-from controller.decisions.scheduled_events import digest
 from controller.decisions.states import ItemState
 from controller.errors import HypervisorError
 from controller.store.db import is_database_outage, unit_of_work
-from controller.store.models import GuestDocument, Host, JobHost, utcnow
+from controller.store.guest_cache import record_guest_states
+from controller.store.models import Host, JobHost, utcnow
 from controller.work import guest_documents as se
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,12 @@ class NoticePublisher:
         uris = self._host_uris()
         self._fill_resources(uris)
         with unit_of_work(self.ctx.session_factory) as s:
-            se.publish(s, now=utcnow(), grace_seconds=self.settings.grace_seconds)
+            se.publish(
+                s,
+                now=utcnow(),
+                grace_seconds=self.settings.grace_seconds,
+                apply_timeouts=self.ctx.settings.apply_timeouts,
+            )
             todo = se.unpushed(s)
         if not self.settings.guest_agent:
             return
@@ -110,9 +115,10 @@ class NoticePublisher:
             with unit_of_work(self.ctx.session_factory) as s:
                 self.ctx.notices.record_write(s, doc, job_id, error)
         self._freeze_in_notice(uris, guests)
-        if time.monotonic() - self._addresses_at > ADDRESS_REFRESH_SECONDS:
+        listening = self.settings.bind is not None
+        if listening and time.monotonic() - self._addresses_at > ADDRESS_REFRESH_SECONDS:
             self._addresses_at = time.monotonic()
-            self._refresh_addresses(uris)
+            self._refresh_identities(uris)
 
     def _host_uris(self) -> dict[str, str]:
         with unit_of_work(self.ctx.session_factory, read_only=True) as s:
@@ -203,34 +209,28 @@ class NoticePublisher:
         except Exception:
             log.exception("freeze hooks of %s failed", name)
 
-    def _refresh_addresses(self, uris: dict[str, str]) -> None:
-        """Not on a host whose cycle runs: its guests' agents are the cycle's (clock sync)."""
-        with unit_of_work(self.ctx.session_factory, read_only=True) as s:
-            running = set(
-                s.scalars(select(JobHost.host).where(JobHost.state == ItemState.RUNNING.value))
-            )
-            docs = [
-                (guest, host)
-                for guest, host in s.execute(
-                    select(GuestDocument.guest, GuestDocument.host).where(
-                        GuestDocument.digest != digest([])
-                    )
-                )
-                if host not in running
-            ]
-        guests = self._guests_by_name(
-            uris, {h for _, h in docs if h and not agentless(uris.get(h, "test:"))}
-        )
-        for guest, host in docs:
-            found = guests.get((host or "", guest))
-            if found is None:
-                continue
-            try:
-                addrs = self.ctx.hypervisors.get(found[0]).guest_addresses(found[1])
-            except HypervisorError:
+    def _refresh_identities(self, uris: dict[str, str]) -> None:
+        """Who may ask the metadata listener: every guest of every host (name, UUID, host: the
+        instance metadata) with the addresses libvirt learned for it from outside the guest."""
+        md = self.settings
+        sources = tuple(md.learn_addresses)
+        filters = frozenset(md.spoofing_filters) or None
+        for host, uri in uris.items():
+            listing = self._list(uri)
+            if listing is None:
                 continue
             with unit_of_work(self.ctx.session_factory) as s:
-                se.set_addresses(s, guest, addrs)
+                record_guest_states(s, host, listing)
+            if not sources or agentless(uri):
+                continue
+            hv = self.ctx.hypervisors.get(uri)
+            for guest in listing:
+                try:
+                    addrs = hv.guest_addresses(guest.uuid, sources=sources, filters=filters)
+                except HypervisorError:
+                    addrs = []
+                with unit_of_work(self.ctx.session_factory) as s:
+                    se.set_addresses(s, host, guest.uuid, addrs)
 
 
 def _job_of(ctx: Runtime, doc: se.Published) -> int | None:

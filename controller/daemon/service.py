@@ -18,8 +18,12 @@ from controller.daemon.pruning import Pruner
 from controller.daemon.publisher import NoticePublisher
 from controller.daemon.scheduler import MaintenanceScheduler
 from controller.daemon.window_jobs import WindowJobs
+from controller.decisions.host_uris import uri_problem
+from controller.errors import ConfigError, HypervisorError
 from controller.hosts.host_pings import HostPings
 from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.machine import Machine
+from controller.services.browser_sessions import session_key
 from controller.services.inventory import sync_config_hosts
 from controller.services.metrics import ServiceMetrics
 from controller.services.tokens import LAST_USED_RESOLUTION, TokenUses
@@ -39,15 +43,37 @@ def libvirt_runtime(settings: Settings) -> Runtime:
     from controller.hosts.libvirt_host import LibvirtHost
 
     timeout = settings.maintenance.libvirt_call_timeout_seconds
+    allow_test = settings.maintenance.allow_test_driver
 
     def connect(uri: str) -> Hypervisor:
-        return LibvirtHost(uri, call_timeout=timeout)
+        # Hosts stored before the allow-list existed are checked again here, at the last step.
+        refused = uri_problem(uri, origin="config", allow_test_driver=allow_test)
+        return LibvirtHost(uri, call_timeout=timeout, refused=refused)
 
     return Runtime(
         settings=settings,
         session_factory=make_session_factory(make_engine(settings.database.url)),
         hypervisors=HypervisorPool(connect),
     )
+
+
+def check_refresh_dir(settings: Settings) -> None:
+    """A QEMU refresh keeps guests' memory in the refresh directory: it must be RAM (tmpfs or
+    hugetlbfs) and ours alone, or the service does not start (unless no runbook refreshes)."""
+    if all(r.qemu_refresh == "never" for r in settings.runbooks.values()):
+        return
+    directory = settings.maintenance.refresh_dir
+    try:
+        room = Machine().room(directory)
+    except HypervisorError as exc:
+        raise ConfigError(f"[maintenance] refresh_dir: {exc}") from None
+    if not room.ram:
+        raise ConfigError(
+            f"[maintenance] refresh_dir {directory} is on {room.filesystem}, not RAM (tmpfs or "
+            "hugetlbfs): a QEMU refresh writes guests' memory there and it must never reach a "
+            'disk. Point it at a directory under /dev/shm, or set qemu_refresh = "never" on '
+            "every runbook."
+        )
 
 
 class Service:
@@ -73,6 +99,7 @@ class Service:
         self.window_jobs = WindowJobs(self.ctx, arm=self.scheduler.arm)
         self.host_pings = HostPings(self.ctx.hypervisors)  # health's own threads, not ctx.pool
         self.token_uses = TokenUses()
+        self.session_key = session_key(settings)  # signs the dashboard's sessions
         self.metrics = ServiceMetrics(
             session_factory=self.ctx.session_factory,
             host_pings=self.host_pings,
@@ -103,6 +130,8 @@ class Service:
         self.publisher.poke()
 
     def start(self) -> None:
+        if self.background:
+            check_refresh_dir(self.settings)
         with unit_of_work(self.ctx.session_factory) as s:
             sync_config_hosts(s, self.settings)
         self.metrics.start()

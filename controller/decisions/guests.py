@@ -27,3 +27,17 @@ class GuestInfo:
     # Its QEMU or agent does not answer (an operation on it is stuck, or it could not be
     # inspected in time): it is left exactly as it is, and it delays nothing else.
     unresponsive: bool = False
+    memory_kib: int = 0  # its memory, as libvirt reports it (0: not known)
+
+
+@dataclass(frozen=True)
+class QemuProcess:
+    """The QEMU process running a guest, as read on its host (/proc)."""
+
+    pid: int | None  # None: no such process found
+    deleted: tuple[str, ...] = ()  # the deleted executable and shared objects it still maps
+
+    @property
+    def stale(self) -> bool | None:
+        """It runs a deleted binary or library: an update does not reach it until it restarts."""
+        return None if self.pid is None else bool(self.deleted)

@@ -57,9 +57,16 @@ T = TypeVar("T")
 OUR_PAUSE_REASONS = frozenset({"user", "unknown"})
 
 
-def ours(state: str, reason: str) -> bool:
+# A guest maintctl restored from its image (a QEMU refresh) comes back paused for "migration":
+# that one pause is maintctl's too.
+RESTORED_PAUSE_REASONS = OUR_PAUSE_REASONS | {"migration"}
+
+
+def ours(state: str, reason: str, restored: bool = False) -> bool:
     """Whether a guest in this state is paused as maintctl pauses, so ours to resume."""
-    return state == "paused" and reason in OUR_PAUSE_REASONS
+    return state == "paused" and reason in (
+        RESTORED_PAUSE_REASONS if restored else OUR_PAUSE_REASONS
+    )
 
 
 # --- resuming until settled: the one loop ----------------------------------------------------
@@ -93,7 +100,7 @@ def _settled(kind: SettleKind, **kw: Any) -> Settled:
 class Resumable(Protocol):
     """What settle() needs of a host: two calls, each bounded in time."""
 
-    def resume(self, uuid: str) -> bool:
+    def resume(self, uuid: str, restored: bool = False) -> bool:
         """Resume if paused as we pause; False (and nothing done) otherwise."""
 
     def state(self, uuid: str) -> tuple[str, str]:
@@ -130,9 +137,11 @@ def settle(
     fence: Callable[[], bool] | None = None,
     first_delay: float = RETRY_FIRST_SECONDS,
     max_delay: float = RETRY_CAP_SECONDS,
+    restored: bool = False,
 ) -> Settled | None:
     """Resume until libvirt says how the guest is, retrying with backoff for as long as it
-    takes; None once `stop` is set.
+    takes; None once `stop` is set. `restored`: the guest was restored from its image by
+    maintctl (a QEMU refresh), and its pause for "migration" is maintctl's.
 
     A failed call is never an answer: libvirtd may be restarting under a host patch. The loop
     settles only on what libvirt confirms: the guest runs, it is paused for a reason that is not
@@ -147,7 +156,7 @@ def settle(
             )
         attempts += 1
         try:
-            if host.resume(uuid):
+            if host.resume(uuid, restored):
                 return _confirmed(host, uuid, attempts)
             state, reason = host.state(uuid)
         except Exception as exc:
@@ -164,7 +173,7 @@ def settle(
         if state == "running":
             note = "found running (resumed by another hand, or by an earlier call)"
             return _settled(SettleKind.RUNNING, note=note, attempts=attempts)
-        if ours(state, reason):
+        if ours(state, reason, restored):
             stop.wait(delay)  # paused again between our read and our call: ours, try again
             delay = min(delay * 2, max_delay)
             continue
@@ -285,10 +294,10 @@ class Libvirt:
         state, reason = self.call(lambda c: c.lookupByUUIDString(uuid).state())
         return state_names(int(state), int(reason))
 
-    def resume(self, uuid: str) -> bool:
+    def resume(self, uuid: str, restored: bool = False) -> bool:
         def run(conn: Any) -> bool:
             dom = conn.lookupByUUIDString(uuid)
-            if not ours(*state_names(*dom.state())):
+            if not ours(*state_names(*dom.state()), restored):
                 return False
             try:
                 dom.resume()
@@ -299,6 +308,123 @@ class Libvirt:
             return True
 
         return self.call(run, key=uuid)
+
+    def restore(self, path: str) -> None:
+        """Start a guest again from its saved image, paused (a fresh QEMU process)."""
+        self.call(lambda c: c.restoreFlags(path, None, libvirt.VIR_DOMAIN_SAVE_PAUSED))
+
+
+class ImageAware:
+    """A guest that may exist only as its image (saved in a QEMU refresh, not restored yet):
+    a resume that finds it gone (or shut off after its save) restores it first, then resumes
+    it; its image is deleted once it runs."""
+
+    def __init__(self, lv: Libvirt, images: dict[str, str]) -> None:
+        self.lv, self.images = lv, images
+
+    def state(self, uuid: str) -> tuple[str, str]:
+        return self.lv.state(uuid)
+
+    def resume(self, uuid: str, restored: bool = False) -> bool:
+        path = self.images.get(uuid)
+        if path is None:
+            return self.lv.resume(uuid, restored)
+        try:
+            state, _ = self.lv.state(uuid)
+        except Exception as exc:
+            if not no_such_guest(exc):
+                raise
+            state = "gone"
+        if state in ("gone", "shutoff") and os.path.exists(path):
+            log(f"{uuid}: restoring it from its image {path}")
+            self.lv.restore(path)
+        resumed = self.lv.resume(uuid, restored=True)
+        if resumed or self.lv.state(uuid)[0] == "running":
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return resumed
+
+
+# --- QEMU processes: which guest runs on a deleted binary or library (a stale QEMU) -----------
+
+# Mappings that are not files an update replaces (as needrestart ignores them).
+_NOT_FILES = ("/dev/", "/memfd:", "/SYSV", "/run/", "/tmp/", "/var/tmp/", "/[", "/drm")  # noqa: S108
+
+
+def qemu_pids(uuids: list[str]) -> dict[str, int]:
+    """The pid of the QEMU process running each guest, found by its -uuid argument (one pass
+    over /proc)."""
+    wanted = {u.lower() for u in uuids}
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or b"qemu" not in argv[0] or b"-uuid" not in argv:
+            continue
+        i = argv.index(b"-uuid")
+        uuid = argv[i + 1].decode(errors="replace").lower() if i + 1 < len(argv) else ""
+        if uuid in wanted:
+            found[uuid] = int(entry)
+    return {u: found[u.lower()] for u in uuids if u.lower() in found}
+
+
+def deleted_files(pid: int) -> list[str]:
+    """The deleted executable and shared objects a process still runs (its exe and maps)."""
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        exe = os.readlink(f"/proc/{pid}/exe")
+        if exe.endswith(" (deleted)"):
+            found.append(exe.removesuffix(" (deleted)"))
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) < 6 or not fields[5].rstrip().endswith("(deleted)"):
+                    continue
+                path = fields[5].rstrip().removesuffix("(deleted)").strip()
+                if path.startswith(_NOT_FILES) or path in found:
+                    continue
+                if "x" in fields[1] or ".so" in path:
+                    found.append(path)
+    except OSError:
+        pass
+    return found
+
+
+def qemu_report(uuids: list[str]) -> dict[str, dict[str, Any]]:
+    """Per guest: its QEMU pid and the deleted files it maps (stale when there are any)."""
+    report: dict[str, dict[str, Any]] = {}
+    pids = qemu_pids(uuids)
+    for uuid in uuids:
+        pid = pids.get(uuid)
+        if pid is None:
+            report[uuid] = {"pid": None, "deleted": [], "stale": None}
+            continue
+        deleted = deleted_files(pid)
+        report[uuid] = {"pid": pid, "deleted": deleted, "stale": bool(deleted)}
+    return report
+
+
+def qemu_version(pid_or_binary: str) -> str | None:
+    """The first line of `<binary> --version`; a pid's own binary through /proc, which runs even
+    after an update deleted it."""
+    import subprocess
+
+    binary = f"/proc/{pid_or_binary}/exe" if pid_or_binary.isdigit() else pid_or_binary
+    try:
+        done = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return (done.stdout.splitlines() or [""])[0].strip() or None
 
 
 # --- the switch -------------------------------------------------------------------------------
@@ -319,9 +445,17 @@ def report(line: str) -> None:
 class Rescue:
     """Resume the watched guests on threads of their own, so stdin is still read meanwhile."""
 
-    def __init__(self, lv: Libvirt, watched: list[str], pgid: int | None, grace: float) -> None:
+    def __init__(
+        self,
+        lv: Libvirt,
+        watched: list[str],
+        pgid: int | None,
+        grace: float,
+        images: dict[str, str] | None = None,
+    ) -> None:
         self.stop = threading.Event()
         self._lv, self._pgid, self._grace = lv, pgid, grace
+        self._host = ImageAware(lv, images or {})
         self._threads = [
             threading.Thread(target=self._resume, args=(uuid,), daemon=True) for uuid in watched
         ]
@@ -353,7 +487,7 @@ class Rescue:
             if failures in (1, 10) or failures % 100 == 0:
                 log(f"{uuid}: not resumed yet (attempt {failures}): {error}")
 
-        settled = settle(self._lv, uuid, stop=self.stop, gone=no_such_guest, on_failure=note)
+        settled = settle(self._host, uuid, stop=self.stop, gone=no_such_guest, on_failure=note)
         if settled is None:
             return
         log(f"{uuid}: {settled.kind.value}: {settled.note} (attempt {settled.attempts})")
@@ -376,6 +510,7 @@ class Rescue:
 
 def serve(lv: Libvirt, fd: int, grace: float) -> int:
     watched: list[str] = []
+    images: dict[str, str] = {}  # guest -> where its image is while it is refreshed
     deadline: float | None = None
     pgid: int | None = None
     rescue: Rescue | None = None
@@ -384,13 +519,13 @@ def serve(lv: Libvirt, fd: int, grace: float) -> int:
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            rescue = Rescue(lv, watched, pgid, grace).start("the hard pause budget passed")
+            rescue = Rescue(lv, watched, pgid, grace, images).start("the hard pause budget passed")
             deadline = None
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
             if rescue is None:
-                rescue = Rescue(lv, watched, pgid, grace).start("the controller went away")
+                rescue = Rescue(lv, watched, pgid, grace, images).start("the controller went away")
             else:
                 log("the controller went away; the rescue goes on")
             rescue.wait()
@@ -401,15 +536,27 @@ def serve(lv: Libvirt, fd: int, grace: float) -> int:
             verb, _, arg = raw.decode(errors="replace").strip().partition(" ")
             if verb == "watch":
                 watched.append(arg)
+            elif verb == "image":
+                uuid, _, path = arg.partition(" ")
+                if path:
+                    images[uuid] = path
+                else:
+                    images.pop(uuid, None)  # restored: it runs in its new process
             elif verb == "arm":
                 deadline = float(arg)
             elif verb == "runbook" and arg.isdigit() and int(arg) > 1:
                 pgid = int(arg)  # never 0 or 1: killpg would reach this guardian or everything
             elif verb == "done":
-                return _leave(lv, watched, rescue, grace)
+                return _leave(lv, watched, rescue, grace, images)
 
 
-def _leave(lv: Libvirt, watched: list[str], rescue: Rescue | None, grace: float) -> int:
+def _leave(
+    lv: Libvirt,
+    watched: list[str],
+    rescue: Rescue | None,
+    grace: float,
+    images: dict[str, str],
+) -> int:
     """The controller saw every guest settled: check each once, and resume any still paused by
     the API (the controller may be wrong, or an answer may have been lost) before leaving."""
     if rescue is not None:
@@ -417,24 +564,41 @@ def _leave(lv: Libvirt, watched: list[str], rescue: Rescue | None, grace: float)
     left = []
     for uuid in watched:
         try:
-            if not ours(*lv.state(uuid)):
+            if not ours(*lv.state(uuid), restored=uuid in images):
                 continue
         except Exception as exc:
-            if no_such_guest(exc):
+            if no_such_guest(exc) and uuid not in images:
                 continue
-        left.append(uuid)  # paused by the API, or its state unknown: not confirmed
+        left.append(uuid)  # paused by the API, only an image, or its state unknown
     if not left:
         return 0
-    Rescue(lv, left, None, grace).start("told done, but not confirmed running").wait()
+    Rescue(lv, left, None, grace, images).start("told done, but not confirmed running").wait()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maintctl-guardian")
-    parser.add_argument("--uri", required=True)
+    parser.add_argument("--uri")
     parser.add_argument("--grace", type=float, default=1.0)
     parser.add_argument("--call-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--qemu-report", nargs="*", metavar="UUID", help="print the guests' QEMU processes as JSON"
+    )
+    parser.add_argument(
+        "--qemu-version", metavar="PID_OR_BINARY", help="print a QEMU's version and exit"
+    )
     args = parser.parse_args(argv)
+    if args.qemu_report is not None:
+        import json
+
+        print(json.dumps(qemu_report(args.qemu_report)))
+        return 0
+    if args.qemu_version is not None:
+        version = qemu_version(args.qemu_version)
+        print(version or "")
+        return 0 if version else 1
+    if not args.uri:
+        parser.error("--uri is required")
     # Neither a Ctrl-C, a stop nor the hangup of a closing SSH session may end the switch.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)

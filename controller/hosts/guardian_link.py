@@ -36,6 +36,9 @@ class GuardianLink(Protocol):
     group of the machine the guardian runs on."""
 
     def watch(self, uuids: list[str]) -> None: ...
+    def images(self, paths: dict[str, str]) -> None:
+        """Where each guest's image is while its QEMU is refreshed (saved, not restored yet)."""
+
     def arm(self, deadline_epoch: float) -> None: ...
     def runbook(self, pgid: int) -> None: ...
     def done(self) -> None:
@@ -140,6 +143,10 @@ class LocalGuardian:
     def watch(self, uuids: list[str]) -> None:
         for uuid_ in uuids:
             self._send(f"watch {uuid_}")
+
+    def images(self, paths: dict[str, str]) -> None:
+        for uuid_, path in paths.items():
+            self._send(f"image {uuid_} {path}")
 
     def arm(self, deadline_epoch: float) -> None:
         self._send(f"arm {deadline_epoch:.6f}")

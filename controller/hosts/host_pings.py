@@ -15,7 +15,13 @@ from controller.errors import HypervisorError
 from controller.hosts.hypervisor import HypervisorPool
 
 PING_WORKERS = 4
-NO_ANSWER = "unreachable: no answer in time"
+NO_ANSWER = "timed out: no answer in time"
+
+
+def category(status: str) -> str:
+    """What a status says without libvirt's own words ("ok", "unreachable", "refused", ...):
+    those can quote a host's files, and only admins read them (docs/security.md)."""
+    return status.partition(":")[0]
 
 
 class HostPings:
@@ -26,7 +32,8 @@ class HostPings:
         self._in_flight: dict[str, Future[str]] = {}
 
     def ping_all(self, hosts: list[tuple[str, str]], *, timeout: float) -> dict[str, str]:
-        """Each named host's status ("ok" or "unreachable: ..."), within `timeout` in all."""
+        """Each named host's status, within `timeout` in all: "ok", or a category of
+        HOST_PROBLEM_CATEGORIES, a colon and libvirt's words ("unreachable: ...")."""
         futures = {name: self._ping(uri) for name, uri in hosts}
         wait(futures.values(), timeout=timeout)
         return {
@@ -50,4 +57,4 @@ class HostPings:
             self._hypervisors.get(uri).ping()
             return "ok"
         except HypervisorError as exc:
-            return f"unreachable: {exc}"
+            return f"{exc.category}: {exc}"

@@ -54,8 +54,21 @@ class Hypervisor(Protocol):
     def suspend(self, uuid: str) -> bool:
         """Pause with RAM resident; False (and nothing done) if the guest was not running."""
 
-    def resume(self, uuid: str) -> bool:
-        """Resume; False (and nothing done) unless it was paused as we pause (guardian.ours)."""
+    def resume(self, uuid: str, restored: bool = False) -> bool:
+        """Resume; False (and nothing done) unless it was paused as we pause (guardian.ours);
+        `restored`: maintctl restored it from its image (paused for "migration")."""
+
+    def save(self, uuid: str, path: str, timeout: float) -> None:
+        """Save the paused guest's state to `path` on its host; its QEMU process ends."""
+
+    def restore(self, uuid: str, path: str, timeout: float) -> None:
+        """Start the guest again from its image, paused, in a new QEMU process."""
+
+    def abort_job(self, uuid: str) -> None:
+        """Abort the guest's job in flight (a save)."""
+
+    def emulator(self, uuid: str) -> str:
+        """The QEMU binary the guest's definition names."""
 
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         """Bound every later agent call (libvirt waits forever by default)."""
@@ -81,8 +94,12 @@ class Hypervisor(Protocol):
 
     def read_guest_file(self, uuid: str, path: str, timeout_seconds: int) -> bytes: ...
 
-    def guest_addresses(self, uuid: str) -> list[str]:
-        """The guest's IP addresses as libvirt reports them (agent, else DHCP leases)."""
+    def guest_addresses(
+        self, uuid: str, *, sources: tuple[str, ...], filters: frozenset[str] | None
+    ) -> list[str]:
+        """The guest's IP addresses as libvirt learned them from outside the guest: `sources`
+        among "lease" and "arp", in order, the first that knows any; never the guest's agent.
+        With `filters`, only interfaces libvirt filters with one of those nwfilters count."""
 
     def close(self) -> None: ...
 

@@ -49,9 +49,23 @@ _UNSUPPORTED = {
 }
 _AGENT_DOWN = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_TIMEOUT}
 _HOST_DOWN = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+# The host answered and said no: its authentication or access control.
+_REFUSED = {
+    libvirt.VIR_ERR_AUTH_FAILED,
+    libvirt.VIR_ERR_AUTH_CANCELLED,
+    libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    libvirt.VIR_ERR_ACCESS_DENIED,
+    libvirt.VIR_ERR_OPERATION_DENIED,
+}
 _CONTROL_BUSY = {
     libvirt.VIR_DOMAIN_CONTROL_OCCUPIED: "monitor_busy",
     libvirt.VIR_DOMAIN_CONTROL_ERROR: "control_error",
+}
+# Where a guest's addresses are learned from outside it. (VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT
+# is deliberately absent: the guest's own agent says whatever the guest wants.)
+_ADDRESS_SOURCES = {
+    "lease": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+    "arp": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
 }
 DEFAULT_CALL_TIMEOUT = 5.0
 # Remote transports get libvirt keepalive: a peer silent for KEEPALIVE_INTERVAL * (COUNT + 1)
@@ -108,6 +122,8 @@ def _translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
         return Unsupported(message, code=code)
     if code in _HOST_DOWN or "socket is closed" in message:
         return HostUnavailable(message, code=code)
+    if code in _REFUSED:
+        return HypervisorError(message, code=code, category="refused")
     return HypervisorError(message, code=code)
 
 
@@ -126,8 +142,8 @@ class _Link:
     connection would stall every other call on it. Set aside, it is never closed under a call
     in flight; it closes once its last user lets go."""
 
-    def __init__(self, uri: str, remote: bool) -> None:
-        self.uri, self._remote = uri, remote
+    def __init__(self, uri: str, remote: bool, refused: str | None = None) -> None:
+        self.uri, self._remote, self._refused = uri, remote, refused
         self._conn: libvirt.virConnect | None = None
         self._abandoned: dict[int, int] = {}  # id(connection) -> calls still in flight on it
         self._lock = threading.Lock()
@@ -147,6 +163,11 @@ class _Link:
                     except libvirt.libvirtError:
                         pass
                     self._conn = None
+            if self._refused is not None:
+                raise HostUnavailable(
+                    f"cannot connect to {self.uri}: refused, it {self._refused}",
+                    category="refused",
+                )
             now = time.monotonic()
             if now < self._next_connect:
                 raise HostUnavailable(
@@ -164,9 +185,11 @@ class _Link:
                     )
                     self._next_connect = time.monotonic() + self._backoff
                 self._last_error = exc.get_error_message() or str(exc)
+                code = exc.get_error_code()
                 raise HostUnavailable(
                     f"cannot connect to {self.uri}: {self._last_error}",
-                    code=exc.get_error_code(),
+                    code=code,
+                    category="refused" if code in _REFUSED else None,
                 ) from None
             self._backoff, self._next_connect = 0.0, 0.0
             if self._remote:
@@ -211,11 +234,16 @@ class LibvirtHost:
     does not answer holds only its own lane and connection, is reported unresponsive, and never
     delays the host's listing or another guest."""
 
-    def __init__(self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self, uri: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT, refused: str | None = None
+    ) -> None:
+        """`refused`: why this URI may not be opened at all (the host URI allow-list); every
+        call then fails without libvirt ever seeing it."""
         self.uri = uri
+        self._refused = refused
         self.call_timeout = call_timeout
         self._remote = is_remote(uri)
-        self._inventory = _Link(uri, self._remote)
+        self._inventory = _Link(uri, self._remote, refused)
         # The test driver keeps a fresh state per connection for a file URI: one connection.
         self._one_connection = uri.startswith("test:") and uri.rstrip("/") != "test:///default"
         self._ops: dict[str, _Link] = {}  # guest -> the connection of its operations
@@ -260,7 +288,7 @@ class LibvirtHost:
         with self._lock:
             link = self._ops.get(uuid)
             if link is None:
-                link = self._ops[uuid] = _Link(self.uri, self._remote)
+                link = self._ops[uuid] = _Link(self.uri, self._remote, self._refused)
             return link
 
     def _call(
@@ -375,6 +403,7 @@ class LibvirtHost:
                 reason=reason,
                 active_job=self._active_job(dom) if state is not GuestState.SHUTOFF else None,
                 unresponsive=self.unresponsive(uuid),
+                memory_kib=int(dom.maxMemory()),
                 **self._metadata(dom),
             )
 
@@ -424,10 +453,10 @@ class LibvirtHost:
 
         return self._call(uuid, "suspend", _suspend)
 
-    def resume(self, uuid: str) -> bool:
+    def resume(self, uuid: str, restored: bool = False) -> bool:
         def _resume(dom: libvirt.virDomain) -> bool:
             state, reason = self._state_of(dom)
-            if not ours(state, reason):
+            if not ours(state, reason, restored):
                 return False  # not paused, or paused for a reason that is not ours
             try:
                 dom.resume()
@@ -439,6 +468,52 @@ class LibvirtHost:
             return True
 
         return self._call(uuid, "resume", _resume)
+
+    # --- QEMU refresh: a fresh QEMU process for a paused guest, its memory kept -----------------
+
+    def save(self, uuid: str, path: str, timeout: float) -> None:
+        """Save the paused guest's state to `path` (its QEMU process ends)."""
+        self._call(
+            uuid,
+            "save",
+            lambda d: d.saveFlags(path, None, libvirt.VIR_DOMAIN_SAVE_PAUSED),
+            timeout=timeout,
+        )
+        self._forget(uuid)
+
+    def restore(self, uuid: str, path: str, timeout: float) -> None:
+        """Start the guest again from its image, paused, in a new QEMU process."""
+        link = self._ops_link(uuid)
+
+        def run() -> None:
+            with _libvirt_errors(f"restore {uuid} from {path} on {self.uri}"):
+                link.get().restoreFlags(path, None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+
+        self._lanes.call(uuid, run, timeout, f"restore {uuid} on {self.uri}")
+        self._forget(uuid)
+
+    def abort_job(self, uuid: str) -> None:
+        """Abort the guest's job in flight (a save), from outside its lane."""
+        self._read(uuid, "abort the job of", lambda d: d.abortJob())
+
+    def emulator(self, uuid: str) -> str:
+        """The QEMU binary the guest's definition names."""
+
+        def read(dom: libvirt.virDomain) -> str:
+            # libvirt's own domain XML: no DTD, no entities to expand.
+            root = ElementTree.fromstring(dom.XMLDesc(0))  # noqa: S314
+            found = root.findtext("./devices/emulator")
+            if not found:
+                raise HypervisorError(f"guest {uuid} names no emulator")
+            return found.strip()
+
+        return self._read(uuid, "read the emulator of", read)
+
+    def _forget(self, uuid: str) -> None:
+        """Its handles are of a domain that is gone (saved) or new (restored)."""
+        with self._lock:
+            for key in [k for k in self._domains if k[1] == uuid]:
+                del self._domains[key]
 
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         self._call(uuid, "set agent timeout", lambda d: d.agentSetResponseTimeout(seconds, 0))
@@ -558,23 +633,27 @@ class LibvirtHost:
                 timeout_seconds,
             )
 
-    def guest_addresses(self, uuid: str) -> list[str]:
-        """The guest's non-loopback IP addresses, as its agent reports them, else DHCP leases."""
+    def guest_addresses(
+        self, uuid: str, *, sources: tuple[str, ...], filters: frozenset[str] | None
+    ) -> list[str]:
+        """Addresses from DHCP leases or ARP, which the host sees, never from the guest's agent,
+        which says whatever the guest wants; with `filters`, only on interfaces libvirt keeps
+        honest with one of those nwfilters (clean-traffic: no packets from another's address)."""
+        guarded = None if filters is None else self._filtered_macs(uuid, filters)
         found: list[str] = []
-        for source in (
-            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
-            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
-        ):
+        for name in sources:
+            source = _ADDRESS_SOURCES[name]
 
             def read(dom: libvirt.virDomain, src: int = source) -> dict[str, Any]:
                 return dom.interfaceAddresses(src, 0) or {}
 
             try:
                 ifaces = self._call(uuid, "addresses of", read)
-            except (AgentUnavailable, Unsupported, HypervisorError):
+            except (Unsupported, HypervisorError):
                 continue
-            for name, iface in (ifaces or {}).items():
-                if name == "lo":
+            for iface in (ifaces or {}).values():
+                mac = str(iface.get("hwaddr") or "").lower()
+                if guarded is not None and mac not in guarded:
                     continue
                 for addr in iface.get("addrs") or []:
                     if addr.get("addr") and not str(addr["addr"]).startswith(("127.", "::1")):
@@ -582,6 +661,18 @@ class LibvirtHost:
             if found:
                 break
         return found
+
+    def _filtered_macs(self, uuid: str, filters: frozenset[str]) -> set[str]:
+        """The MAC addresses of the guest's interfaces that carry one of `filters`."""
+        xml = self._call(uuid, "describe", lambda d: d.XMLDesc(0))
+        # libvirt's own domain XML: no DTD, no entities to expand.
+        root = ElementTree.fromstring(xml)  # noqa: S314
+        macs: set[str] = set()
+        for iface in root.iterfind("./devices/interface"):
+            mac, ref = iface.find("mac"), iface.find("filterref")
+            if mac is not None and ref is not None and ref.get("filter") in filters:
+                macs.add(str(mac.get("address", "")).lower())
+        return macs
 
     def close(self) -> None:
         self._inventory.shut()

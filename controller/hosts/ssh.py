@@ -336,6 +336,41 @@ async def _install_guardian(conn: asyncssh.SSHClientConnection, source: bytes) -
     return path
 
 
+def run_on_host(target: SshTarget, argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """A short command on the host (argv quoted for its shell): (exit status, stdout, stderr).
+    Raises SshError if the host cannot be reached or does not answer in time."""
+    try:
+        done = _loop.run(_run(target, shlex.join(argv), timeout), timeout + 1)
+    except TimeoutError:
+        raise SshError(f"{target}: no answer in {timeout:g} s") from None
+    out = done.stdout if isinstance(done.stdout, str) else (done.stdout or b"").decode()
+    err = done.stderr if isinstance(done.stderr, str) else (done.stderr or b"").decode()
+    return int(done.exit_status if done.exit_status is not None else -1), out, err
+
+
+def guardian_on_host(target: SshTarget, args: list[str], timeout: float) -> tuple[int, str]:
+    """Run the guardian file on the host in one of its one-shot modes (--qemu-report, ...),
+    copying it there first if it is not: (exit status, stdout)."""
+    source = GUARDIAN_SOURCE.read_bytes()
+
+    async def run() -> tuple[int, str]:
+        conn = await _connections.get(target)
+        try:
+            path = await _install_guardian(conn, source)
+            done = await asyncio.wait_for(
+                conn.run(shlex.join(["python3", path, *args]), check=False), timeout
+            )
+        except (OSError, asyncssh.Error) as exc:
+            raise SshError(f"{target}: {_describe(exc)}") from None
+        out = done.stdout if isinstance(done.stdout, str) else (done.stdout or b"").decode()
+        return int(done.exit_status if done.exit_status is not None else -1), out
+
+    try:
+        return _loop.run(run(), timeout + 2)
+    except TimeoutError:
+        raise SshError(f"{target}: the guardian did not answer in {timeout:g} s") from None
+
+
 class RemoteGuardian:
     """A guardian running on the host, over an SSH session (guardian_link.GuardianLink)."""
 
@@ -425,6 +460,10 @@ class RemoteGuardian:
     def watch(self, uuids: list[str]) -> None:
         if uuids:
             self._send(*(f"watch {uuid}" for uuid in uuids))
+
+    def images(self, paths: dict[str, str]) -> None:
+        if paths:
+            self._send(*(f"image {uuid} {path}" for uuid, path in paths.items()))
 
     def arm(self, deadline_epoch: float) -> None:
         self._send(f"arm {deadline_epoch:.6f}")

@@ -31,6 +31,7 @@ class HostView:
     guests: int  # last known (the guest cache the engine refreshes at preflight)
     paused: int
     job_id: int | None  # the open job holding the host, if any
+    stale: int = 0  # guests whose QEMU runs a deleted binary or library (a refresh would fix)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def _domains(
                 held[item.host] = (item.state, job.id)
     counts = _guest_counts(session, paused_only=False)
     paused = _guest_counts(session, paused_only=True)
+    stale = _guest_counts(session, stale_only=True)
     hosts = session.scalars(select(Host).order_by(Host.update_domain, Host.name))
     views = []
     for h in hosts:
@@ -170,6 +172,7 @@ def _domains(
                 guests=counts[h.id],
                 paused=paused[h.id],
                 job_id=job_id,
+                stale=stale[h.id],
             )
         )
     return [
@@ -178,11 +181,15 @@ def _domains(
     ]
 
 
-def _guest_counts(session: Session, *, paused_only: bool) -> Counter[int]:
+def _guest_counts(
+    session: Session, *, paused_only: bool = False, stale_only: bool = False
+) -> Counter[int]:
     """Guests per host id, as last seen."""
     query = select(Guest.host_id, func.count(Guest.id)).group_by(Guest.host_id)
     if paused_only:
         query = query.where(Guest.last_state == "paused")
+    if stale_only:
+        query = query.where(Guest.qemu_stale.is_(True))
     return Counter({host_id: count for host_id, count in session.execute(query)})
 
 

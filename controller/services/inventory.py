@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.decisions.guests import GuestInfo
+from controller.decisions.guests import GuestInfo, GuestState, QemuProcess
+from controller.decisions.host_uris import uri_problem
 from controller.decisions.states import ACTIVE, PENDING
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.machine import Machine
 from controller.settings import HostConfig, Settings
 from controller.store.events import record_event
 from controller.store.models import Host, Job
@@ -66,7 +68,14 @@ def get_host(session: Session, name: str) -> Host:
 class HostListing:
     host: Host
     guests: list[GuestInfo]  # by name; empty when libvirt did not answer
-    error: str | None  # why libvirt did not answer
+    error: str | None  # why libvirt did not answer, in its words: for admins only
+    error_category: str | None = None  # the same as one of HOST_PROBLEM_CATEGORIES
+    qemu: dict[str, QemuProcess] = field(default_factory=dict)  # by guest UUID, where read
+
+    def error_for(self, *, admin: bool) -> str | None:
+        """libvirt's words can quote a host's files (a test driver's node file, a socket path):
+        everyone but an admin reads only the category."""
+        return self.error if admin else self.error_category
 
 
 def inspect_host(session: Session, hypervisors: HypervisorPool, *, name: str) -> HostListing:
@@ -76,8 +85,15 @@ def inspect_host(session: Session, hypervisors: HypervisorPool, *, name: str) ->
     try:
         guests = hypervisors.get(host.uri).list_guests()
     except HypervisorError as exc:
-        return HostListing(host, [], str(exc))
-    return HostListing(host, sorted(guests, key=lambda g: g.name), None)
+        return HostListing(host, [], str(exc), exc.category)
+    running = [
+        g.uuid for g in guests if g.state is GuestState.RUNNING or g.state is GuestState.PAUSED
+    ]
+    try:
+        qemu = Machine.of(host.ssh).qemu_processes(running)
+    except HypervisorError:
+        qemu = {}  # a host reached over SSH that does not answer: staleness not known
+    return HostListing(host, sorted(guests, key=lambda g: g.name), None, qemu=qemu)
 
 
 def add_host(
@@ -92,11 +108,20 @@ def add_host(
     labels: dict[str, str] | None = None,
     ssh: dict[str, Any] | None = None,
     guardian: bool = True,
+    allow_test_driver: bool = False,
 ) -> Host:
     """A host managed through the API (source "api"); config-file hosts come from sync_config_hosts.
 
     The same rules as a config-file host (HostConfig): patch_via "ssh" needs the ssh section, and
-    so does a uri reached over SSH while the guardian is on (it must run on the host)."""
+    so does a uri reached over SSH while the guardian is on (it must run on the host). Its URIs
+    pass the allow-list as the API's (controller/decisions/host_uris.py): stricter than the
+    config file's, which alone may name a socket, a netcat or a test driver file."""
+    for what, value in (("uri", uri), ("ssh.local_uri", (ssh or {}).get("local_uri"))):
+        if not isinstance(value, str):
+            continue
+        problem = uri_problem(value, origin="api", allow_test_driver=allow_test_driver)
+        if problem is not None:
+            raise InvalidRequest(f"host {name!r}: {what} {value} {problem}")
     if session.scalars(select(Host).where(Host.name == name)).one_or_none() is not None:
         raise Conflict(f"host {name!r} already exists")
     try:

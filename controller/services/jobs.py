@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from controller.decisions.guests import GuestInfo
 from controller.decisions.preflight import BusyGuestPolicy, admit, classify_guests
+from controller.decisions.refresh_plan import RefreshMode, predicted_seconds
 from controller.decisions.rollout import (
     RolloutPolicy,
     availability_set_counts,
@@ -27,12 +29,18 @@ from controller.decisions.rollout import (
 from controller.decisions.states import JobState, is_terminal
 from controller.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from controller.hosts.hypervisor import HypervisorPool
+from controller.hosts.machine import Machine
 from controller.services import idempotency
 from controller.services.paging import Page, newest_first
 from controller.settings import Settings
 from controller.store.events import record_event
 from controller.store.models import Event, Host, Job, JobGuest, JobHost, utcnow
-from controller.work.holds import declared_windows, find_window, predicted_steps
+from controller.work.holds import (
+    declared_windows,
+    find_window,
+    predicted_steps,
+    seconds_per_gib,
+)
 from controller.work.items import create_items
 
 
@@ -55,6 +63,7 @@ class JobRequest:
     labels: dict[str, str] | None = None
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     window: str | None = None  # starts only inside this maintenance window (settings.windows)
+    qemu_refresh: str | None = None  # stale | always | never; None: as the runbook says
 
     def selector(self) -> str:
         if self.all_hosts:
@@ -176,6 +185,7 @@ def submit(
         rollout=req.rollout.stored(),
         created_by=actor,
         window=req.window,
+        qemu_refresh=req.qemu_refresh,
     )
     session.add(job)
     session.flush()
@@ -244,6 +254,8 @@ class PlannedGuest:
     guest: str
     action: str  # "pause" or "skip"
     reason: str | None
+    qemu_stale: bool | None = None
+    refresh_predicted_seconds: float | None = None  # if its QEMU is refreshed inside the pause
 
 
 @dataclass(frozen=True)
@@ -296,7 +308,7 @@ def plan(
             raise Conflict(f"host {host.name} cannot be inspected: {exc}") from None
         p = classify_guests(listing, exclude=req.exclude_guests, busy=req.busy_guests)
         sets[host.name] = availability_set_counts(p.targets)
-        guests += [PlannedGuest(host.name, g.name, "pause", None) for g in p.targets]
+        guests += _planned_refreshes(session, settings, req, host, p.targets)
         guests += [
             PlannedGuest(host.name, g.name, "skip", why) for g, why in p.skipped + p.blockers
         ]
@@ -349,6 +361,26 @@ def plan(
         if argv is not None
     ]
     return Plan([h.name for h in ordered], guests, budget, predicted, len(history), waves, steps)
+
+
+def _planned_refreshes(
+    session: Session, settings: Settings, req: JobRequest, host: Host, targets: list[GuestInfo]
+) -> list[PlannedGuest]:
+    """The targets, each with whether its QEMU is stale now and, if the job would refresh it
+    (as things stand: an update in the apply step may make more stale), the predicted time."""
+    try:
+        processes = Machine.of(host.ssh).qemu_processes([g.uuid for g in targets])
+    except HypervisorError:
+        processes = {}
+    mode = RefreshMode(req.qemu_refresh or settings.runbooks[req.runbook].qemu_refresh)
+    per_gib = seconds_per_gib(session, settings, host.name)
+    planned = []
+    for g in targets:
+        stale = processes[g.uuid].stale if g.uuid in processes else None
+        refreshed = mode is RefreshMode.ALWAYS or (mode is RefreshMode.STALE and bool(stale))
+        predicted = round(predicted_seconds(g.memory_kib * 1024, per_gib), 3) if refreshed else None
+        planned.append(PlannedGuest(host.name, g.name, "pause", None, stale, predicted))
+    return planned
 
 
 def list_jobs(

@@ -40,12 +40,14 @@ from controller.decisions.states import TERMINAL
 from controller.hosts.host_pings import HostPings
 from controller.services.event_tail import EventRecord, EventTail, latest_event_id
 from controller.store.db import is_database_outage, unit_of_work
-from controller.store.models import Host, Job, JobGuest, PauseIntent, utcnow
+from controller.store.models import Guest, Host, Job, JobGuest, PauseIntent, utcnow
 
 PING_TIMEOUT_SECONDS = 3.0
 PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 120)
 SKEW_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Why the metadata listener refused (api/guest_listener.py); alert rules name these.
+METADATA_REFUSALS = ("rate", "size", "connections", "timeout", "bad_request")
 
 JOB_OUTCOMES = sorted(s.value for s in TERMINAL)
 _JOB_FINISHED = {f"job_{outcome}": outcome for outcome in JOB_OUTCOMES}
@@ -66,6 +68,7 @@ class _Stored:
     over_budget: int
     attention: dict[str, int]
     hosts: list[tuple[str, str]]
+    stale: dict[str, int]  # by host: guests whose QEMU runs a deleted binary or library
 
 
 def _read_stored(s: Session) -> _Stored:
@@ -87,7 +90,15 @@ def _read_stored(s: Session) -> _Stored:
     ):
         attention[str(status)] = int(count)
     hosts = [(h.name, h.uri) for h in s.scalars(select(Host).order_by(Host.name))]
-    return _Stored(len(open_intents), over, attention, hosts)
+    stale = dict.fromkeys((name for name, _ in hosts), 0)
+    for name, count in s.execute(
+        select(Host.name, func.count())
+        .join(Guest, Guest.host_id == Host.id)
+        .where(Guest.qemu_stale.is_(True))
+        .group_by(Host.name)
+    ):
+        stale[str(name)] = int(count)
+    return _Stored(len(open_intents), over, attention, hosts, stale)
 
 
 class _StateCollector(Collector):
@@ -167,6 +178,15 @@ class _StateCollector(Collector):
         for name, status in pings.items():
             reachable.add_metric([name], 1 if status == "ok" else 0)
         yield reachable
+        stale = GaugeMetricFamily(
+            "maintctl_guests_qemu_stale",
+            "Guests whose QEMU process runs a deleted binary or library (an update does not "
+            "reach them until the process is refreshed), as last read at a job's preflight.",
+            labels=["host"],
+        )
+        for name, count in stored.stale.items():
+            stale.add_metric([name], count)
+        yield stale
 
 
 class ServiceMetrics:
@@ -228,6 +248,15 @@ class ServiceMetrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+        # Counted by the metadata listener's own process and handed over by `maintctl serve`.
+        self.metadata_refused = Counter(
+            "maintctl_metadata_refused",
+            "Requests and connections the guests' metadata listener refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in METADATA_REFUSALS:
+            self.metadata_refused.labels(reason)
         self._over_budget: set[tuple[int | None, str | None]] = set()
         r.register(_StateCollector(session_factory, host_pings, is_leader, outbox))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ...
@@ -241,6 +270,10 @@ class ServiceMetrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http.labels(method, route, str(status)).observe(seconds)
+
+    def count_metadata_refusals(self, reason: str, count: int) -> None:
+        if reason in METADATA_REFUSALS and count > 0:
+            self.metadata_refused.labels(reason).inc(count)
 
     def render(self) -> bytes:
         """The exposition in Prometheus' text format, after reading the newest events (while the

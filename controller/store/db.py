@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 from collections import deque
@@ -20,6 +22,7 @@ from sqlalchemy.pool import NullPool
 
 import migrations
 
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # A database that does not answer must fail fast: callers fall back to the outbox or answer 503.
@@ -145,8 +148,32 @@ def _restore_busy_timeout(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
+def private_sqlite_file(url: str) -> None:
+    """A SQLite database file made by maintctl is its owner's alone (0600; SQLite gives its WAL
+    and shared-memory files the same mode); one that others may read is narrowed to its owner
+    and group, with a warning."""
+    database = make_url(url).database
+    if make_url(url).get_backend_name() != "sqlite" or database in (None, "", ":memory:"):
+        return
+    path = Path(str(database))
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # a directory that does not exist: connecting says so
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o007:
+        log.warning(
+            "database %s could be read by other users (mode %o): now %o", path, mode, mode & 0o770
+        )
+        os.chmod(path, mode & 0o770)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
@@ -232,6 +259,7 @@ MIGRATION_LOCK_KEY = int.from_bytes(b"maintmig", "big", signed=True)
 
 def upgrade(url: str, revision: str = "head") -> None:
     if make_url(url).get_backend_name() != "postgresql":
+        private_sqlite_file(url)  # before Alembic's engine makes it with the umask's mode
         command.upgrade(alembic_config(url), revision)
         return
     engine = create_engine(

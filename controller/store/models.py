@@ -96,6 +96,11 @@ class Guest(Base):
     name: Mapped[str] = mapped_column(String(255))
     last_state: Mapped[str] = mapped_column(String(32), default="unknown")
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The addresses libvirt learned for it from outside the guest (DHCP leases, ARP) on
+    # interfaces the network keeps honest: who is asking, for the metadata listener.
+    addresses: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
+    # Its QEMU process runs a deleted binary or library (None: not known, or not running).
+    qemu_stale: Mapped[bool | None] = mapped_column(Boolean, default=None)
 
     host: Mapped[Host] = relationship(back_populates="guests")
 
@@ -129,6 +134,9 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     # The maintenance window (settings.windows) the job may start in, if any.
     window: Mapped[str | None] = mapped_column(String(63), default=None)
+    # Whether guests get a fresh QEMU process inside the pause (stale | always | never); None:
+    # as its runbook says.
+    qemu_refresh: Mapped[str | None] = mapped_column(String(16), default=None)
 
     guests: Mapped[list[JobGuest]] = relationship(
         back_populates="job", order_by="JobGuest.id", cascade="all, delete-orphan"
@@ -223,8 +231,6 @@ class GuestDocument(Base):
     digest: Mapped[str] = mapped_column(String(64))
     events: Mapped[list[Any]] = mapped_column(JSON)
     pushed_digest: Mapped[str | None] = mapped_column(String(64), default=None)
-    # Addresses libvirt reported for the guest (agent, then DHCP leases): who is asking.
-    addresses: Mapped[list[Any]] = mapped_column(JSON, default=list)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -250,6 +256,10 @@ class PauseIntent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
     resolution: Mapped[str | None] = mapped_column(String(32), default=None)
+    # Where the guest's image would be while its QEMU is refreshed (saved, not yet restored):
+    # committed with the intent, before any pause, so that a crash never leaves an image
+    # nobody knows of. None: the job refreshes nothing on this host.
+    image_path: Mapped[str | None] = mapped_column(String(1024), default=None)
 
 
 class JournalBatch(Base):

@@ -4,8 +4,9 @@ An event is a host item of a job (table job_hosts) with the guests it pauses as 
 Scheduled while the item is in its notice, Started once the item runs, and leaves the documents
 `grace` after the item ended; an item that never ran (cancelled, skipped) leaves at once. Each
 guest's document is rebuilt by `publish` (the notice publisher, and the engine just before its
-pause) and stored with an incarnation taken from a counter that only grows, so that a GET only
-reads and a DocumentIncarnation never goes back, across restarts and replicas.
+pause) and stored under its row lock with an incarnation one higher than the stored one when its
+content changed, so that a GET only reads, and a guest's DocumentIncarnation grows by exactly one
+per change it can see and never goes back, across restarts and replicas.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from controller.decisions.instance_metadata import Instance
 from controller.decisions.scheduled_events import Notice, digest, guest_events
 from controller.decisions.states import ItemState
 from controller.store.events import record_event
 from controller.store.models import (
-    Counter,
+    Guest,
     GuestDocument,
+    Host,
     Job,
     JobGuest,
     JobHost,
@@ -34,7 +37,6 @@ from controller.store.models import (
     utcnow,
 )
 
-INCARNATION = "scheduled_events_incarnation"
 ENDED_RUN = tuple(
     s.value for s in (ItemState.DONE, ItemState.FAILED, ItemState.INTERRUPTED, ItemState.ABORTED)
 )
@@ -64,23 +66,12 @@ def _insert_missing(session: Session, model: Any, rows: list[dict[str, Any]]) ->
     session.execute(insert(model).values(rows).on_conflict_do_nothing())
 
 
-def next_incarnation(session: Session) -> int:
-    """The next DocumentIncarnation: one row, incremented under its row lock."""
-    _insert_missing(session, Counter, [{"name": INCARNATION, "value": 0}])
-    row = session.execute(
-        update(Counter)
-        .where(Counter.name == INCARNATION)
-        .values(value=Counter.value + 1)
-        .returning(Counter.value)
-    ).one()
-    return int(row.value)
-
-
 def _expected_pause(
-    session: Session, keys: set[tuple[str, str, int]]
+    session: Session, keys: set[tuple[str, str, int]], apply_timeouts: dict[str, float]
 ) -> dict[tuple[str, str, int], int]:
     """Per (runbook, host, job): the longest of the runbook's recent pauses on the host, in
-    whole seconds, from other jobs (an event's own pauses do not change its announcement)."""
+    whole seconds, from other jobs (an event's own pauses do not change its announcement);
+    without any, the runbook's apply timeout, which bounds its pause; -1 if neither is known."""
     out: dict[tuple[str, str, int], int] = {}
     for runbook, host, job_id in keys:
         rows = session.scalars(
@@ -96,11 +87,18 @@ def _expected_pause(
             .limit(50)
         ).all()
         values = [ms for ms in rows if ms is not None]
-        out[(runbook, host, job_id)] = max(1, math.ceil(max(values) / 1000)) if values else -1
+        if values:
+            out[(runbook, host, job_id)] = max(1, math.ceil(max(values) / 1000))
+        elif runbook in apply_timeouts:
+            out[(runbook, host, job_id)] = max(1, math.ceil(apply_timeouts[runbook]))
+        else:
+            out[(runbook, host, job_id)] = -1
     return out
 
 
-def visible_notices(session: Session, now: datetime, grace_seconds: float) -> list[Notice]:
+def visible_notices(
+    session: Session, now: datetime, grace_seconds: float, apply_timeouts: dict[str, float]
+) -> list[Notice]:
     """Every event a guest may see now, with its host."""
     since = now - timedelta(seconds=grace_seconds)
     rows = session.execute(
@@ -121,7 +119,7 @@ def visible_notices(session: Session, now: datetime, grace_seconds: float) -> li
         )
     ).all()
     durations = _expected_pause(
-        session, {(runbook, item.host, item.job_id) for item, runbook in rows}
+        session, {(runbook, item.host, item.job_id) for item, runbook in rows}, apply_timeouts
     )
     notices = []
     for item, runbook in rows:
@@ -146,11 +144,17 @@ def visible_notices(session: Session, now: datetime, grace_seconds: float) -> li
 
 
 def publish(
-    session: Session, *, now: datetime, grace_seconds: float, only: set[str] | None = None
+    session: Session,
+    *,
+    now: datetime,
+    grace_seconds: float,
+    apply_timeouts: dict[str, float],
+    only: set[str] | None = None,
 ) -> list[Published]:
     """Rebuild the documents of the guests concerned (those in an event now, and those whose
-    stored document still lists one); store and return those that changed."""
-    notices = visible_notices(session, now, grace_seconds)
+    stored document still lists one); store and return those that changed. `apply_timeouts`:
+    each runbook's apply timeout, the DurationInSeconds of a runbook without history."""
+    notices = visible_notices(session, now, grace_seconds, apply_timeouts)
     host_of: dict[str, str] = {}
     for n in notices:
         for guest in n.resources:
@@ -161,8 +165,7 @@ def publish(
         session,
         GuestDocument,
         [
-            {"guest": g, "incarnation": 0, "digest": empty, "events": [], "addresses": []}
-            | {"updated_at": now}
+            {"guest": g, "incarnation": 0, "digest": empty, "events": []} | {"updated_at": now}
             for g in sorted(wanted)
         ],
     )
@@ -182,7 +185,7 @@ def publish(
         doc = stored[guest]
         if doc.digest == new and doc.incarnation > 0:
             continue
-        incarnation = next_incarnation(session)
+        incarnation = int(doc.incarnation) + 1  # under the row lock taken above
         host = host_of.get(guest, doc.host)
         doc.incarnation, doc.digest, doc.events = incarnation, new, events
         doc.host, doc.updated_at = host, now
@@ -238,19 +241,56 @@ def unpushed_of(session: Session, guests: set[str]) -> list[Published]:
     return [Published.of(d) for d in _unwritten(session, GuestDocument.guest.in_(guests))]
 
 
-def set_addresses(session: Session, guest: str, addresses: list[str]) -> None:
+def set_addresses(session: Session, host: str, uuid: str, addresses: list[str]) -> None:
+    """The addresses libvirt learned for a guest from outside it (leases, ARP)."""
+    host_id = select(Host.id).where(Host.name == host).scalar_subquery()
     session.execute(
-        update(GuestDocument).where(GuestDocument.guest == guest).values(addresses=addresses)
+        update(Guest)
+        .where(Guest.host_id == host_id, Guest.uuid == uuid)
+        .values(addresses=sorted(set(addresses)))
     )
 
 
 def addresses(session: Session) -> dict[str, str]:
-    """Address -> guest, from what libvirt reported for guests with a document."""
+    """Address -> guest name. An address two guests claim names neither: it proves nothing."""
     out: dict[str, str] = {}
-    for guest, addrs in session.execute(select(GuestDocument.guest, GuestDocument.addresses)):
+    claimed_twice: set[str] = set()
+    for guest, addrs in session.execute(select(Guest.name, Guest.addresses)):
         for a in addrs or []:
+            if str(a) in out and out[str(a)] != guest:
+                claimed_twice.add(str(a))
             out[str(a)] = guest
-    return out
+    return {a: g for a, g in out.items() if a not in claimed_twice}
+
+
+def instance(session: Session, guest: str) -> Instance | None:
+    """The guest named `guest` and its host, as last listed (the most recently seen of two)."""
+    row = session.execute(
+        select(Guest.name, Guest.uuid, Host.name, Host.update_domain, Host.labels)
+        .join(Host, Host.id == Guest.host_id)
+        .where(Guest.name == guest)
+        .order_by(Guest.last_seen_at.desc())
+        .limit(1)
+    ).one_or_none()
+    if row is None:
+        return None
+    name, uuid, host, domain, labels = row
+    return Instance(str(name), str(uuid), str(host), int(domain), dict(labels or {}))
+
+
+def approvable(session: Session, guest: str, event_ids: list[str]) -> bool:
+    """Whether approving would change anything: read first, so that a flood of approvals of
+    events approved already (or not the caller's) never takes a write lock."""
+    if not event_ids:
+        return False
+    items = session.execute(
+        select(JobHost.resources).where(
+            JobHost.event_id.in_(event_ids),
+            JobHost.state == ItemState.NOTIFYING.value,
+            JobHost.approved_at.is_(None),
+        )
+    ).all()
+    return any(guest in (resources or []) for (resources,) in items)
 
 
 def approve(session: Session, guest: str, event_ids: list[str], *, actor: str) -> list[int]:

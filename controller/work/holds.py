@@ -193,3 +193,27 @@ def record_hold(session: Session, job_id: int, host: str | None, hold: Hold) -> 
         until=None if hold.until is None else hold.until.isoformat(),
         name=hold.name,
     )
+
+
+# Refreshes of a host whose measured speed predicts the next ones.
+REFRESH_HISTORY = 20
+
+
+def seconds_per_gib(session: Session, settings: Settings, host: str) -> float:
+    """The host's measured QEMU refresh time per GiB of guest memory (the worst of its recent
+    refreshes: a prediction may be too long, never too short), else the configured conservative
+    default."""
+    rows = session.scalars(
+        select(Event.details)
+        .where(Event.kind == "qemu_refreshed", Event.host == host)
+        .order_by(Event.id.desc())
+        .limit(REFRESH_HISTORY)
+    ).all()
+    measured = [
+        float(d["seconds_per_gib"])
+        for d in rows
+        if isinstance(d, dict) and isinstance(d.get("seconds_per_gib"), int | float)
+    ]
+    if not measured:
+        return settings.maintenance.refresh_seconds_per_gib
+    return max(measured)

@@ -51,11 +51,14 @@ class Api:
 
 
 @contextmanager
-def open_api(db_url: str, test_driver, **server) -> Iterator[Api]:
-    """The real app over db_url with one token per role; `server` overrides [server] settings."""
+def open_api(
+    db_url: str, test_driver, *, more_hosts: list[dict] | None = None, **server
+) -> Iterator[Api]:
+    """The real app over db_url with one token per role; `server` overrides [server] settings,
+    `more_hosts` are declared in the configuration besides h1."""
     start_test_domains(test_driver, ["td-a", "td-b"])
     settings = make_settings(
-        [{"name": "h1", "uri": TEST_URI, "sync_clock": False}],
+        [{"name": "h1", "uri": TEST_URI, "sync_clock": False}, *(more_hosts or [])],
         resume_reserve_seconds=1.0,
         kill_grace_seconds=0.2,
     )
@@ -85,6 +88,8 @@ def api(db_url, test_driver) -> Iterator[Api]:
 
 
 PROBLEM = "application/problem+json"
+# A host the API accepts that never answers: nothing listens on port 1.
+UNREACHABLE_URI = "qemu+tls://127.0.0.1:1/system"
 
 
 def assert_problem(r, status: int, *fragments: str) -> dict:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 
+from sqlalchemy import select
+
 from api.pause_chart import pause_chart
 from controller.services.dashboard import JobPauses
-from tests.api.conftest import assert_problem
+from controller.store.db import unit_of_work
+from controller.store.models import Guest
+from tests.api.conftest import UNREACHABLE_URI, assert_problem
 
 COOKIE = "maintctl_session"
 
@@ -50,6 +54,7 @@ def test_the_json_shows_hosts_jobs_guest_outcomes_pauses_and_events(api):
             "guests": 2,
             "paused": 0,
             "job_id": None,
+            "stale": 0,
         }
     ]
     [job] = board["jobs"]
@@ -80,8 +85,22 @@ def test_the_json_shows_hosts_jobs_guest_outcomes_pauses_and_events(api):
     assert board["events"][0]["kind"] == "job_created"
 
 
+def test_guests_on_a_stale_qemu_are_counted_per_host(api):
+    """A guest whose QEMU runs a deleted binary or library (seen at the last survey) is counted
+    on its host's row: the next job refreshes it."""
+    done = api.post("/api/v1/jobs", json={"hosts": ["h1"], "runbook": "noop"}).json()
+    api.wait_state(done["id"], {"succeeded"})  # the guests are known
+    with unit_of_work(api.ctx.session_factory) as s:
+        guest = s.scalars(select(Guest).where(Guest.name == "td-a")).one()
+        guest.qemu_stale = True
+    board = api.get("/api/v1/dashboard").json()
+    assert [h["stale"] for d in board["domains"] for h in d["hosts"]] == [1]
+    page = api.get("/dashboard/panels")
+    assert 'data-stale="1"' in page.text and "1 stale QEMU" in page.text
+
+
 def test_host_states_notifying_and_unreachable(api, tmp_path):
-    dead = {"name": "gone", "uri": f"test://{tmp_path}/no-such-node.xml", "update_domain": 2}
+    dead = {"name": "gone", "uri": UNREACHABLE_URI, "update_domain": 2}
     assert api.post("/api/v1/hosts", role="admin", json=dead).status_code == 201
     job = api.post(
         "/api/v1/jobs", json={"hosts": ["h1"], "runbook": "noop", "notice_seconds": 60}

@@ -42,7 +42,11 @@ def open_app(db_url: str, test_driver, **config: Any) -> Iterator[Api]:
             {"name": "h2", "uri": TEST_URI, "sync_clock": False, "labels": {"rack": "r13"}},
         ],
         runbooks={"noop": {"argv": ["true"], "timeout_seconds": 5}, "staged": STAGED},
-        maintenance={"resume_reserve_seconds": 1.0, "kill_grace_seconds": 0.2},
+        maintenance={
+            "resume_reserve_seconds": 1.0,
+            "kill_grace_seconds": 0.2,
+            "allow_test_driver": True,
+        },
         **config,
     )
     settings = with_database(settings, db_url)

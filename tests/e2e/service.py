@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,12 +19,14 @@ MAINTCTL = REPO / ".venv" / "bin" / "maintctl"
 CONFIG = """
 [server]
 bind = "127.0.0.1:{port}"
+{server}
 [database]
 url = "{db_url}"
 journal_path = "{journal}"
 [maintenance]
 guardian = {guardian}
 reconcile_interval_seconds = 1.0
+allow_test_driver = true
 {maintenance}
 {hosts}
 [runbooks.sleep]
@@ -60,9 +63,13 @@ class Service:
         guardian: bool = True,
         extra: str = "",
         maintenance: str = "",
+        server: str = "",
+        scheme: str = "http",
+        nofile: int | None = None,
     ):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.nofile = nofile  # the open-file limit serve runs under (soft and hard)
         self.db_url = db_url or f"sqlite:///{tmp / 'maintctl.db'}"
         self.config = tmp / "maintctl.toml"
         self.config.write_text(
@@ -73,6 +80,7 @@ class Service:
                 hosts=hosts,
                 guardian="true" if guardian else "false",
                 maintenance=maintenance,
+                server=server,
             )
             + extra
         )
@@ -95,18 +103,25 @@ class Service:
             .splitlines()[-1]
         )
 
-    def start(self) -> Service:
+    def start(self, *, ca_file: str | None = None) -> Service:
         env = dict(os.environ)
         env.pop("MAINTCTL_CONFIG", None)
+        nofile = self.nofile
+
+        def limits() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(MAINTCTL), "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=limits,
             )
         proc = self.proc
-        with MaintctlClient(self.url, None) as client:
+        with MaintctlClient(self.url, None, ca_file=ca_file) as client:
             try:
                 client.wait_ready(timeout=30, alive=lambda: proc.poll() is None)
             except Unreachable:

@@ -25,6 +25,7 @@ from tests.conftest import process_alive
 from tests.faults import restart_libvirtd as daemon
 
 PAUSED, RUNNING = libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_RUNNING
+GONE = -1  # no such domain: a guest that is only its saved image
 RESTART_SCRIPT = Path(daemon.__file__).resolve()
 
 # Runbooks the fault tests add to the service's configuration.
@@ -84,11 +85,13 @@ class Sampler:
     interval: float = 0.05
     spans: dict[str, list[Span]] = field(default_factory=dict)
     unreachable: list[tuple[float, float]] = field(default_factory=list)  # daemon down, seen
+    gone: dict[str, list[float]] = field(default_factory=dict)  # samples that found no domain
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> Sampler:
         self.spans = {n: [] for n in self.names}
+        self.gone = {}
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
         wait_for(lambda: self.samples > 0, 10, "the sampler's first sample")
@@ -109,7 +112,7 @@ class Sampler:
             try:
                 if conn is None:
                     conn = libvirt.open(self.uri)
-                states = {n: conn.lookupByName(n).state()[0] for n in self.names}
+                states = {n: self._state(conn, n, t) for n in self.names}
             except libvirt.libvirtError:
                 if conn is not None:
                     with contextlib.suppress(libvirt.libvirtError):
@@ -124,7 +127,7 @@ class Sampler:
             for name, state in states.items():
                 spans = self.spans[name]
                 open_span = spans[-1] if spans and spans[-1].running is None else None
-                if state == PAUSED and open_span is None:
+                if state in (PAUSED, GONE) and open_span is None:
                     spans.append(Span(t))
                 elif state == RUNNING and open_span is not None:
                     open_span.running = t
@@ -134,9 +137,21 @@ class Sampler:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
 
+    def _state(self, conn: libvirt.virConnect, name: str, t: float) -> int:
+        """The guest's state; a guest that is only its saved image (a QEMU refresh between its
+        save and its restore) has no domain: seen as GONE, and not running."""
+        try:
+            return int(conn.lookupByName(name).state()[0])
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            self.gone.setdefault(name, []).append(t)
+            return GONE
+
     def reset(self) -> None:
         """Forget the pauses seen so far (a test's next job)."""
         self.spans = {n: [] for n in self.names}
+        self.gone = {}
 
     def all_paused(self) -> bool:
         return all(s and s[-1].running is None for s in self.spans.values())

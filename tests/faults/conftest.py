@@ -150,10 +150,12 @@ class Bed:
         )
 
 
-def make_bed(tmp_path: Path, guests: list[BedGuest], **service_kw: Any) -> Iterator[Bed]:
+def make_bed(
+    tmp_path: Path, guests: list[BedGuest], *, runbooks: str = "", **service_kw: Any
+) -> Iterator[Bed]:
     names = [g.name for g in guests]
     service = Service(
-        tmp_path, hosts=host_block("local", QEMU_URI), extra=FAULT_RUNBOOKS, **service_kw
+        tmp_path, hosts=host_block("local", QEMU_URI), extra=FAULT_RUNBOOKS + runbooks, **service_kw
     ).start()
     try:
         with libvirtd_restored(), Sampler(QEMU_URI, names) as witness:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import libvirt
 import pytest
 from sqlalchemy import select
@@ -48,7 +47,7 @@ class Replica:
         return self.service.proc.pid
 
     def health(self) -> dict:
-        return httpx.get(f"{self.service.url}/healthz", timeout=5).json()
+        return self.client.http.get("/healthz", timeout=5).json()  # with its token: every check
 
 
 @dataclass

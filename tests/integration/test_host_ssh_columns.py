@@ -63,6 +63,7 @@ def test_config_hosts_carry_their_resolved_ssh_section(db_url):
             "known_hosts": "/kh",
             "address": "hv1.example.org",
             "local_uri": "qemu:///system",
+            "refresh_dir": None,
         }
         # SQL NULL, not a JSON null: "no ssh section" is what IS NULL finds.
         assert s.scalars(select(Host.name).where(Host.ssh.is_(None))).all() == ["local"]

@@ -436,7 +436,7 @@ def test_the_lifecycle_keeps_its_invariants(db_url):
     factory = migrated(db_url)
     machine = machine_for(factory)
     machine.TestCase.settings = settings(
-        max_examples=150 if db_url.startswith("sqlite") else 40,
+        max_examples=80 if db_url.startswith("sqlite") else 30,
         stateful_step_count=50,
         deadline=None,
         # A failure prints its steps; shrinking them can take minutes, longer than CI waits.

@@ -42,6 +42,7 @@ def harness(db_url, tmp_path, fleet):
     settings = Settings(
         hosts=hosts,
         runbooks={"patch": {"argv": ["sleep", "0.4"], "timeout_seconds": 5}},
+        maintenance={"allow_test_driver": True},
     )
     return make_harness(db_url, settings)
 

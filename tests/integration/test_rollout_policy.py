@@ -35,6 +35,7 @@ def h(db_url, test_driver):
                 "check": ["sh", "-c", "echo not ready on $MAINTCTL_HOST >&2; exit 3"],
             },
         },
+        maintenance={"allow_test_driver": True},
     )
     return make_harness(db_url, settings)
 

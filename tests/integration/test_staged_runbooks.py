@@ -24,7 +24,11 @@ def _settings(runbook: dict[str, Any], **config: Any) -> Settings:
             {"name": "h2", "uri": TEST_URI, "sync_clock": False, "update_domain": 1},
         ],
         runbooks={"staged": runbook},
-        maintenance={"resume_reserve_seconds": 1.0, "kill_grace_seconds": 0.2},
+        maintenance={
+            "resume_reserve_seconds": 1.0,
+            "kill_grace_seconds": 0.2,
+            "allow_test_driver": True,
+        },
         **config,
     )
 

@@ -44,6 +44,7 @@ def h(db_url) -> Iterator[Harness]:
         runbooks={"noop": {"argv": ["true"], "timeout_seconds": 5}},
         windows=[NIGHTLY],
         freezes=[FREEZE],
+        maintenance={"allow_test_driver": True},
     )
     harness = make_harness(db_url, settings)
     yield harness

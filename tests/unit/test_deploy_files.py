@@ -123,6 +123,10 @@ def test_every_settings_key_is_in_the_example_once_its_off_lines_are_on():
     with pytest.raises(ValidationError, match="example's secret"):
         Settings(**data)
     webhook["secret"] = EXAMPLE_WEBHOOK_SECRET[:-4] + "AAAA"
+    for section, key in (("server", "session_secret"), ("metadata", "token_secret")):
+        with pytest.raises(ValidationError, match="example's secret"):
+            Settings(**data)
+        data[section][key] = "x" * 32
     Settings(**data)  # valid as a whole
     hosts, runbooks = data["hosts"], list(data["runbooks"].values())
     shown = {

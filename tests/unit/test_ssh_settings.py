@@ -43,6 +43,7 @@ def test_a_remote_host_with_its_ssh_section(tmp_path):
         "key_file": "/etc/maintctl/id_ed25519",
         "known_hosts": "/etc/maintctl/known_hosts",
         "address": "hv1.example.org",
+        "refresh_dir": None,
         "local_uri": "qemu:///system",
     }
 
@@ -142,6 +143,7 @@ def test_the_documented_remote_host_is_valid(tmp_path):
         "known_hosts": "/etc/maintctl/known_hosts",
         "address": "hv7.example.net",
         "local_uri": "qemu:///system",
+        "refresh_dir": None,
     }
 
 
