@@ -20,16 +20,29 @@ from tests.faults.restart_libvirtd import answering, kill_libvirtd, start_libvir
 from tests.testbed import SYSTEM_URI
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# The file as it was, while a run has it changed: a run that was killed before its finally
+# could put it back leaves this, and the next run puts it back first.
+QEMU_CONF_KEPT = QEMU_CONF.with_name("qemu.conf.bench-original")
 REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
 def configured(settings: dict[str, str], *, prompt_reaping: bool = False) -> Iterator[None]:
     """Run with these qemu.conf settings, and libvirtd under bench.reaper if prompt_reaping."""
+    if QEMU_CONF_KEPT.exists():
+        print(f"bench: {QEMU_CONF} left changed by a killed run: put back", file=sys.stderr)
+        QEMU_CONF.write_bytes(QEMU_CONF_KEPT.read_bytes())
+        QEMU_CONF_KEPT.unlink()
+        if not settings and not prompt_reaping:
+            stop_libvirtd()
+            start_libvirtd()
+            wait_libvirtd()
     if not settings and not prompt_reaping:
         yield
         return
     original = QEMU_CONF.read_bytes()
+    QEMU_CONF_KEPT.touch(mode=0o600)  # qemu.conf may hold secrets: never readable by others
+    QEMU_CONF_KEPT.write_bytes(original)
     reaper: subprocess.Popen[bytes] | None = None
     try:
         if settings:
@@ -51,6 +64,7 @@ def configured(settings: dict[str, str], *, prompt_reaping: bool = False) -> Ite
         yield
     finally:
         QEMU_CONF.write_bytes(original)
+        QEMU_CONF_KEPT.unlink()
         stop_libvirtd()
         start_libvirtd()
         wait_libvirtd()

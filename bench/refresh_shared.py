@@ -1,7 +1,7 @@
 """A prototype of the x-ignore-shared route: save only device state, keep RAM in a shared file.
 
 Guest RAM is a shared file (`<memoryBacking><source type='file'/><access mode='shared'/>`),
-which libvirt places at `<memory_backing_dir>/<domain id>-<name>/pc.ram`; with QEMU's migration
+which libvirt places at `<memory_backing_dir>/libvirt/qemu/<domain id>-<name>/pc.ram`; with QEMU's migration
 capability x-ignore-shared on, in the saving QEMU and in the restoring one, a save writes
 device state only and a restore maps the same file again.
 
@@ -38,6 +38,7 @@ from pathlib import Path
 import libvirt
 
 MEMORY_BACKING_DIR = Path("/dev/shm/mtbed-rb-ram")
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
 RAM_FILE = "pc.ram"
 # How far past the newest domain id a restored guest's id may land (ids of domains started and
 # stopped meanwhile are skipped).
@@ -121,15 +122,21 @@ class CapabilitySetter:
             raise RuntimeError(f"{self.path}: {self.error}") from self.error
 
 
-def ram_file(dom_id: int, name: str) -> Path:
-    return MEMORY_BACKING_DIR / f"{dom_id}-{name}" / RAM_FILE
+def ram_file(name: str) -> Path:
+    """The guest's RAM file, as its QEMU was told (libvirt 9.0 puts it in
+    <memory_backing_dir>/libvirt/qemu/<domain id>-<name>/)."""
+    pid = (QEMU_PID_DIR / f"{name}.pid").read_text().strip()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    for arg in argv:
+        if arg.startswith(b"{") and b'"mem-path"' in arg:
+            return Path(json.loads(arg)["mem-path"])
+    raise RuntimeError(f"{name}: its QEMU has no memory-backend-file")
 
 
 @contextlib.contextmanager
 def ram_kept(conn: libvirt.virConnect, name: str) -> Iterator[None]:
     """Keep the guest's RAM file through a save and put it where its restored QEMU looks."""
-    dom_id = conn.lookupByName(name).ID()
-    current = ram_file(dom_id, name)
+    current = ram_file(name)
     owner = current.parent.stat()
     newest = max(d.ID() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
     kept = MEMORY_BACKING_DIR / f"kept-{name}"
