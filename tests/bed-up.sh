@@ -33,17 +33,20 @@ fi
 # so a test run only boots it. Standard library only: the virtualenv may not be there yet.
 python3 "$here/systemdbed.py" build
 
-cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
-if [ -z "$cluster" ]; then
-  pg_createcluster 15 main >/dev/null
-  cluster="15 main"
-fi
-# shellcheck disable=SC2086
-pg_lsclusters --no-header | awk 'NR==1 {print $4}' | grep -q online || pg_ctlcluster $cluster start
-for _ in $(seq 1 50); do runuser -u postgres -- pg_isready -q && break; sleep 0.2; done
-runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='maintctl'" | grep -q 1 || \
-  runuser -u postgres -- psql -qc "CREATE ROLE maintctl LOGIN PASSWORD 'maintctl' CREATEDB"
-# Tests drop their databases WITH (FORCE), which must also end an autovacuum worker's session.
-runuser -u postgres -- psql -qc "GRANT pg_signal_backend TO maintctl" 2>/dev/null
-runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='maintctl'" | grep -q 1 || \
-  runuser -u postgres -- psql -qc "CREATE DATABASE maintctl OWNER maintctl"
+# Two clusters: "main" (port 5432) for every test, and "faults" (port 5433) for the tests that
+# stop PostgreSQL (tests/faults), so that the others can run beside them.
+version=$(pg_lsclusters --no-header | awk 'NR==1 {print $1}')
+version=${version:-15}
+cluster_up() {  # name port
+  pg_lsclusters --no-header | awk -v n="$1" '$2==n' | grep -q . || pg_createcluster "$version" "$1" -p "$2" >/dev/null
+  pg_lsclusters --no-header | awk -v n="$1" '$2==n {print $4}' | grep -q online || pg_ctlcluster "$version" "$1" start
+  for _ in $(seq 1 50); do runuser -u postgres -- pg_isready -q -p "$2" && break; sleep 0.2; done
+  runuser -u postgres -- psql -p "$2" -qtAc "SELECT 1 FROM pg_roles WHERE rolname='maintctl'" | grep -q 1 || \
+    runuser -u postgres -- psql -p "$2" -qc "CREATE ROLE maintctl LOGIN PASSWORD 'maintctl' CREATEDB"
+  # Tests drop their databases WITH (FORCE), which must also end an autovacuum worker's session.
+  runuser -u postgres -- psql -p "$2" -qc "GRANT pg_signal_backend TO maintctl" 2>/dev/null
+  runuser -u postgres -- psql -p "$2" -qtAc "SELECT 1 FROM pg_database WHERE datname='maintctl'" | grep -q 1 || \
+    runuser -u postgres -- psql -p "$2" -qc "CREATE DATABASE maintctl OWNER maintctl"
+}
+cluster_up main 5432
+cluster_up faults 5433

@@ -34,10 +34,13 @@ os.environ.setdefault("MAINTCTL_MAINTENANCE_NOTICE_SECONDS", "0")
 # Tests of the real bed share one libvirtd, its guests and one PostgreSQL server, and some of
 # them stop those: under pytest-xdist they all run in one worker, one at a time ("bed" group),
 # and everything else runs beside them.
-BED_MARKS = ("qemu", "postgres", "faults")
-BED_FIXTURES = {"bed", "_bed_guests", "bed_guests", "pg_url", "second_host", "ssh_host"}
+# PostgreSQL is not in the group: the tests that stop it stop a cluster of their own
+# (FAULT_PG_URL, port 5433); the one every other test uses (PG_URL) stays up.
+BED_MARKS = ("qemu", "faults")
+BED_FIXTURES = {"bed", "_bed_guests", "bed_guests", "fault_pg_url", "second_host", "ssh_host"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -47,6 +50,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 PG_URL = os.environ.get(
     "MAINTCTL_TEST_PG_URL", "postgresql+psycopg://maintctl:maintctl@127.0.0.1:5432/maintctl"
+)
+FAULT_PG_URL = os.environ.get(
+    "MAINTCTL_TEST_FAULT_PG_URL",
+    "postgresql+psycopg://maintctl:maintctl@127.0.0.1:5433/maintctl",
 )
 QEMU_URI = "qemu:///system"
 TEST_URI = "test:///default"
@@ -66,8 +73,8 @@ def process_alive(pid: int) -> bool:
 # --- databases ---------------------------------------------------------------------------------
 
 
-def _pg_admin() -> psycopg.Connection[Any]:
-    url = make_url(PG_URL)
+def _pg_admin(base: str = PG_URL) -> psycopg.Connection[Any]:
+    url = make_url(base)
     return psycopg.connect(
         host=url.host,
         port=url.port or 5432,
@@ -78,24 +85,35 @@ def _pg_admin() -> psycopg.Connection[Any]:
     )
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty database on the real PostgreSQL server, dropped afterwards."""
+def fresh_database(base: str) -> Iterator[str]:
+    """A fresh, empty database on the PostgreSQL server of `base`, dropped afterwards."""
     name = f"maintctl_t_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as admin:
+    with _pg_admin(base) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
     finally:
         for attempt in range(10):  # a session that is just ending can refuse it for a moment
             try:
-                with _pg_admin() as admin:
+                with _pg_admin(base) as admin:
                     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 break
             except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ObjectInUse):
                 if attempt == 9:
                     raise
                 time.sleep(0.3)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty database on the real PostgreSQL server, dropped afterwards."""
+    yield from fresh_database(PG_URL)
+
+
+@pytest.fixture
+def fault_pg_url() -> Iterator[str]:
+    """The same on the cluster that fault tests stop and start (tests/faults/bed.py)."""
+    yield from fresh_database(FAULT_PG_URL)
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def refresh_step(
     if not room.ram:
         why = f"the refresh directory is on {room.filesystem}, not RAM: no image goes to disk"
         return _not_done(done, record, why, wanted)
-    emulator = _new_qemu(hv, machine, wanted)
+    emulator = _new_qemu(hv, machine, wanted, budget_at)
     if emulator is not None:
         return _not_done(done, record, emulator, wanted)
     plan = plan_refresh(
@@ -155,17 +155,26 @@ def _not_done(
     return done
 
 
-def _new_qemu(hv: Hypervisor, machine: Machine, wanted: list[Candidate]) -> str | None:
-    """Why the QEMU on disk now cannot run the guests, if it cannot (nothing is saved then)."""
-    binaries: set[str] = set()
+def _new_qemu(
+    hv: Hypervisor, machine: Machine, wanted: list[Candidate], budget_at: float
+) -> str | None:
+    """Why the QEMU on disk now cannot run the guests, if it cannot (nothing is saved then):
+    each binary must answer --version, then libvirt must start it and read its capabilities
+    for the guests' type and machine, as a restore will (which also spares the first restore
+    libvirt's probe of a binary it has not seen)."""
+    binaries: dict[str, str] = {}  # binary -> a guest that names it
     for c in wanted:
         try:
-            binaries.add(hv.emulator(c.uuid))
+            binaries.setdefault(hv.emulator(c.uuid), c.uuid)
         except HypervisorError as exc:
             return f"the emulator of {c.name} is not known: {exc}"
-    for binary in sorted(binaries):
+    for binary, uuid in sorted(binaries.items()):
         if machine.qemu_version(binary) is None:
             return f"the new QEMU {binary} does not start (--version fails)"
+        try:
+            hv.probe_emulator(uuid, binary, max(1.0, budget_at - time.monotonic()))
+        except HypervisorError as exc:
+            return f"the new QEMU {binary} does not start under libvirt: {exc}"[:1000]
     return None
 
 

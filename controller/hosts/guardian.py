@@ -57,9 +57,10 @@ T = TypeVar("T")
 OUR_PAUSE_REASONS = frozenset({"user", "unknown"})
 
 
-# A guest maintctl restored from its image (a QEMU refresh) comes back paused for "migration":
-# that one pause is maintctl's too.
-RESTORED_PAUSE_REASONS = OUR_PAUSE_REASONS | {"migration"}
+# A guest maintctl restored from its image (a QEMU refresh) comes back paused for "migration",
+# and shows "starting_up" while its restore is in flight (libvirtd finishes a restore whose
+# caller died): that pause is maintctl's too, resumed (retried) once the restore is done.
+RESTORED_PAUSE_REASONS = OUR_PAUSE_REASONS | {"migration", "starting_up"}
 
 
 def ours(state: str, reason: str, restored: bool = False) -> bool:

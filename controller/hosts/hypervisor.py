@@ -70,6 +70,10 @@ class Hypervisor(Protocol):
     def emulator(self, uuid: str) -> str:
         """The QEMU binary the guest's definition names."""
 
+    def probe_emulator(self, uuid: str, emulator: str, timeout: float) -> None:
+        """Have libvirt start the QEMU binary on disk now and read what it can do (its domain
+        capabilities for this guest's type and machine): raises if it cannot."""
+
     def set_agent_timeout(self, uuid: str, seconds: int) -> None:
         """Bound every later agent call (libvirt waits forever by default)."""
 

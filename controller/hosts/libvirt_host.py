@@ -509,6 +509,23 @@ class LibvirtHost:
 
         return self._read(uuid, "read the emulator of", read)
 
+    def probe_emulator(self, uuid: str, emulator: str, timeout: float) -> None:
+        def shape(dom: libvirt.virDomain) -> tuple[str | None, str | None, str | None]:
+            root = ElementTree.fromstring(dom.XMLDesc(0))  # noqa: S314 (libvirt's own XML)
+            os_type = root.find("./os/type")
+            arch = None if os_type is None else os_type.get("arch")
+            machine = None if os_type is None else os_type.get("machine")
+            return root.get("type"), arch, machine
+
+        virttype, arch, machine = self._read(uuid, "read the definition of", shape)
+        link = self._ops_link(uuid)
+
+        def run() -> None:
+            with _libvirt_errors(f"probe the QEMU {emulator} on {self.uri}"):
+                link.get().getDomainCapabilities(emulator, arch, machine, virttype, 0)
+
+        self._lanes.call(uuid, run, timeout, f"probe the QEMU {emulator} on {self.uri}")
+
     def _forget(self, uuid: str) -> None:
         """Its handles are of a domain that is gone (saved) or new (restored)."""
         with self._lock:

@@ -91,3 +91,23 @@ def test_dry_run_prints_the_plan_and_creates_nothing(maintctl):
     assert nobody.returncode == 2, nobody.stderr
     assert "rack" in one_paragraph(nobody.stderr)
     assert _job_count(maintctl) == before
+
+
+def test_a_job_may_choose_its_qemu_refresh(maintctl):
+    r = maintctl.run(
+        "submit",
+        "--all",
+        "--runbook",
+        "noop",
+        "--qemu-refresh",
+        "always",
+        "--dry-run",
+        "-o",
+        "json",
+    )
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    # The test driver's guests have no QEMU process: nothing is known stale; each is predicted.
+    assert all(g["refresh_predicted_seconds"] > 0 for g in plan["guests"]), plan["guests"]
+    wrong = maintctl.run("submit", "--all", "--runbook", "noop", "--qemu-refresh", "sometimes")
+    assert wrong.returncode == 2 and "sometimes" in wrong.stderr

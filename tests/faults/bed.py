@@ -231,12 +231,15 @@ class StoppedQemu:
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
+FAULT_CLUSTER = "faults"  # tests/bed-up.sh: port 5433; every other test uses "main"
+
+
 def _pg_cluster() -> list[str]:
     out = subprocess.run(
         ["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True
     ).stdout
-    version, name = out.split()[:2]
-    return [version, name]
+    version = out.split()[0]
+    return [version, FAULT_CLUSTER]
 
 
 def _pg_ctl(action: str) -> None:
@@ -245,11 +248,17 @@ def _pg_ctl(action: str) -> None:
 
 
 def _pg_ready() -> bool:
-    return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5433"], check=False
+        ).returncode
+        == 0
+    )
 
 
 class StoppedPostgres:
-    """Stop the test PostgreSQL server; start() (idempotent) or leaving the block starts it."""
+    """Stop the fault tests' PostgreSQL cluster (FAULT_PG_URL); start() (idempotent) or leaving
+    the block starts it."""
 
     def __enter__(self) -> StoppedPostgres:
         _pg_ctl("stop")

@@ -44,8 +44,8 @@ def assert_complete(bed: Bed, records: Records) -> None:
 
 
 @pytest.fixture
-def bed_on_postgres(tmp_path: Path, pg_url: str, bed, bed_guests) -> Iterator[Bed]:
-    yield from make_bed(tmp_path, bed_guests, db_url=pg_url)
+def bed_on_postgres(tmp_path: Path, fault_pg_url: str, bed, bed_guests) -> Iterator[Bed]:
+    yield from make_bed(tmp_path, bed_guests, db_url=fault_pg_url)
 
 
 @pytest.mark.postgres

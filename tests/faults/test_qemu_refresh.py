@@ -268,15 +268,26 @@ def test_a_guest_whose_image_does_not_fit_is_resumed_in_its_old_process(
 REMOTE_GUEST = "mtssh-refresh"
 
 
+def private_qemu(prefix: Path) -> Path:
+    """A copy of the QEMU binary at PREFIX/bin. QEMU finds its modules and firmware relative to
+    its own binary (/usr/bin -> /usr/lib/.../qemu, /usr/share/qemu), so those are linked in."""
+    (prefix / "bin").mkdir(parents=True, exist_ok=True)
+    for target in ("lib/x86_64-linux-gnu/qemu", "share/qemu", "share/seabios"):
+        link = prefix / target
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(Path("/usr") / target)
+    binary = prefix / "bin" / "qemu-system-x86_64"
+    shutil.copy2(qemu_update.BINARY, binary)
+    return binary
+
+
 def test_a_stale_guest_on_a_remote_host_is_refreshed_there(ssh_host, sqlite_url) -> None:
     """The guest runs a QEMU binary of its own, then replaced the way dpkg does: stale. Its
     host's QEMU processes are read through SSH, and its image is written on that host (by its
     own libvirtd, as its user) and removed there."""
     user = pwd.getpwnam(ssh_host.user)
-    qemu_dir = Path(f"/var/lib/maintctl/testbed/{ssh_host.user}-qemu")
-    qemu_dir.mkdir(parents=True, exist_ok=True)
-    binary = qemu_dir / "qemu-system-x86_64"
-    shutil.copy2(qemu_update.BINARY, binary)
+    binary = private_qemu(Path(f"/var/lib/maintctl/testbed/{ssh_host.user}-qemu"))
     testbed = ssh_host.bed
     settings = make_settings([_remote_host_config(ssh_host, update_domain=0)])
     h = make_harness(sqlite_url, settings)
