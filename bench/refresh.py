@@ -23,6 +23,8 @@ Methods (--methods):
   libvirt-window  the floor of the same shape, bare libvirt-python calls: suspend every guest,
                   run `true`, save and restore (VIR_DOMAIN_SAVE_PAUSED, an image on /dev/shm)
                   in batches of the mode's width, resume every guest. maintctl is held to this.
+  libvirt-window-kept  the same, each image deleted only once every guest runs again (maintctl
+                  keeps an image until its guest runs: the images of all guests are in RAM at once)
   libvirt-floor   one guest's own refresh, the least any refresh of it can pause it: suspend,
                   save, restore, resume, in waves of the mode's width (the others keep running)
   libvirt-bypass-cache  libvirt-floor with VIR_DOMAIN_SAVE_BYPASS_CACHE (O_DIRECT) on both calls
@@ -150,6 +152,8 @@ class Context:
     # after (part of the restore's time).
     on_restore: Callable[[str], Callable[[], None]] | None = None
     maintctl: Maintctl | None = None
+    # Each image is deleted once its guest runs again (as maintctl does), not after its restore.
+    keep_images: bool = False
 
 
 Method = Callable[[Context, list[Guest], int], Round]
@@ -187,7 +191,8 @@ def save_restore(ctx: Context, conn: libvirt.virConnect, name: str) -> Saved:
         after_restore()
     restored = time.monotonic()
     reason = conn.lookupByName(name).state()[1]
-    path.unlink()
+    if not ctx.keep_images:
+        path.unlink()
     return Saved(
         started, saved, restored, old_exited, image_bytes, PAUSED_REASONS.get(reason, str(reason))
     )
@@ -323,6 +328,8 @@ def libvirt_window(ctx: Context, guests: list[Guest], width: int) -> Round:
     finally:
         for conn in conns.values():
             conn.close()
+        for g in guests:
+            (ctx.image_dir / f"{g.name}.img").unlink(missing_ok=True)
     refreshes = [
         to_refresh(g, saved[g.name], requested[g.name], resumed[g.name][1]) for g in guests
     ]
@@ -366,6 +373,11 @@ def steps_of(
         "window (first suspend request to last resume return)": max(e for _, e in resumes)
         - suspend[0],
     }
+
+
+def libvirt_window_kept(ctx: Context, guests: list[Guest], width: int) -> Round:
+    """libvirt-window with every image kept until the guests run again, as maintctl keeps them."""
+    return libvirt_window(replace(ctx, keep_images=True), guests, width)
 
 
 # --- maintctl --------------------------------------------------------------------------------
@@ -442,6 +454,8 @@ class Maintctl:
                 resume = timed("resume", LibvirtHost.resume, 1)
                 save = timed("save", LibvirtHost.save, 1)
                 restore = timed("restore", LibvirtHost.restore, 1)
+                emulator = timed("hv.emulator", LibvirtHost.emulator, 1)
+                probe_emulator = timed("hv.probe_emulator", LibvirtHost.probe_emulator, 1)
 
             h.ctx.hypervisors = HypervisorPool(TimedHost)
             self._harnesses[key] = h
@@ -541,7 +555,14 @@ def maintctl(ctx: Context, guests: list[Guest], width: int) -> Round:
         batches=batches,
         resumes=resumes,
     )
-    for what in ("machine.qemu_processes", "machine.qemu_version", "machine.room", "machine.size"):
+    for what in (
+        "hv.emulator",
+        "hv.probe_emulator",
+        "machine.qemu_processes",
+        "machine.qemu_version",
+        "machine.room",
+        "machine.size",
+    ):
         steps[f"  {what} calls, summed"] = sum(e - s for w, _, s, e in spans if w == what)
     return Round(refreshes, batches, width, fixed_s=window - sum(batches), steps=steps)
 
@@ -550,11 +571,13 @@ def maintctl(ctx: Context, guests: list[Guest], width: int) -> Round:
 METHODS: dict[str, Method] = {
     "maintctl": maintctl,
     "libvirt-window": libvirt_window,
+    "libvirt-window-kept": libvirt_window_kept,
     "libvirt-floor": libvirt_floor,
     "libvirt-bypass-cache": libvirt_bypass_cache,
     "ignore-shared": ignore_shared,
 }
 SHARED_MEMORY_METHODS = {"ignore-shared"}
+WINDOW_FLOORS = ("libvirt-window", "libvirt-window-kept")  # of maintctl's shape
 
 
 # --- the guests ----------------------------------------------------------------------------
@@ -734,30 +757,32 @@ def summary(sample: Sample) -> dict[str, object]:
     }
 
 
-def comparison(samples: list[Sample], floor: str = "libvirt-window") -> list[dict[str, object]]:
-    """maintctl against the floor of the same shape, same size and mode, per guest."""
+def comparison(samples: list[Sample]) -> list[dict[str, object]]:
+    """maintctl against each floor of the same shape, same size and mode, per guest."""
     by = {(s.memory_mib, s.method, s.mode): s for s in samples}
     rows = []
     for s in samples:
-        f = by.get((s.memory_mib, floor, s.mode))
-        if s.method != "maintctl" or f is None:
-            continue
-        mp, fp = [x.pause_s for x in s.refreshes], [x.pause_s for x in f.refreshes]
-        mr, fr = [x.refresh_s for x in s.refreshes], [x.refresh_s for x in f.refreshes]
-        rows.append(
-            {
-                "size_mib": s.memory_mib,
-                "mode": s.mode,
-                "maintctl_pause": f"{statistics.median(mp):.2f} / {max(mp):.2f}",
-                "floor_pause": f"{statistics.median(fp):.2f} / {max(fp):.2f}",
-                "pause_ratio": f"{statistics.median(mp) / statistics.median(fp):.2f} / "
-                f"{max(mp) / max(fp):.2f}",
-                "maintctl_refresh": f"{statistics.median(mr):.2f} / {max(mr):.2f}",
-                "floor_refresh": f"{statistics.median(fr):.2f} / {max(fr):.2f}",
-                "refresh_ratio": f"{statistics.median(mr) / statistics.median(fr):.2f} / "
-                f"{max(mr) / max(fr):.2f}",
-            }
-        )
+        for floor in WINDOW_FLOORS:
+            f = by.get((s.memory_mib, floor, s.mode))
+            if s.method != "maintctl" or f is None:
+                continue
+            mp, fp = [x.pause_s for x in s.refreshes], [x.pause_s for x in f.refreshes]
+            mr, fr = [x.refresh_s for x in s.refreshes], [x.refresh_s for x in f.refreshes]
+            rows.append(
+                {
+                    "size_mib": s.memory_mib,
+                    "mode": s.mode,
+                    "floor": floor,
+                    "maintctl_pause": f"{statistics.median(mp):.2f} / {max(mp):.2f}",
+                    "floor_pause": f"{statistics.median(fp):.2f} / {max(fp):.2f}",
+                    "pause_ratio": f"{statistics.median(mp) / statistics.median(fp):.2f} / "
+                    f"{max(mp) / max(fp):.2f}",
+                    "maintctl_refresh": f"{statistics.median(mr):.2f} / {max(mr):.2f}",
+                    "floor_refresh": f"{statistics.median(fr):.2f} / {max(fr):.2f}",
+                    "refresh_ratio": f"{statistics.median(mr) / statistics.median(fr):.2f} / "
+                    f"{max(mr) / max(fr):.2f}",
+                }
+            )
     return rows
 
 
@@ -835,11 +860,12 @@ TABLE = [
 COMPARISON = [
     ("size_mib", "size MiB"),
     ("mode", "mode"),
+    ("floor", "floor"),
     ("maintctl_pause", "maintctl pause s median / max"),
-    ("floor_pause", "libvirt-window pause s median / max"),
+    ("floor_pause", "floor pause s median / max"),
     ("pause_ratio", "ratio median / max"),
     ("maintctl_refresh", "maintctl save+restore s median / max"),
-    ("floor_refresh", "libvirt-window save+restore s median / max"),
+    ("floor_refresh", "floor save+restore s median / max"),
     ("refresh_ratio", "ratio median / max"),
 ]
 
@@ -917,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, TABLE))
     compared = comparison(samples)
     if compared:
-        print("\nmaintctl against libvirt-window, per guest\n")
+        print("\nmaintctl against the floors of its shape, per guest\n")
         print(table(compared, COMPARISON))
     if args.profile:
         print(profile(samples))
