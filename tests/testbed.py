@@ -85,6 +85,7 @@ class TestBed:
     """Boots, inspects and destroys test-bed guests on one libvirt daemon."""
 
     __test__ = False  # not a pytest test class
+    domain_xml = DOMAIN_XML  # a subclass may boot its guests from another template
 
     def __init__(self, uri: str = SYSTEM_URI, *, log_dir: Path = LOG_DIR, prefix: str = PREFIX):
         self.uri = uri
@@ -150,7 +151,7 @@ class TestBed:
         console = self.log_dir / f"{name}.log"
         if console.exists():
             console.unlink()
-        xml = DOMAIN_XML.format(
+        xml = self.domain_xml.format(
             name=escape(name),
             memory_mib=memory_mib,
             kernel=self.image.kernel,
