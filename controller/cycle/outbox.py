@@ -37,7 +37,7 @@ from controller.decisions.states import ItemState, JobState
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.events import event_row
 from controller.store.models import Event, JobGuest, JournalBatch, PauseIntent
-from controller.work.items import Lease, finish_item, still_held
+from controller.work.items import Lease, finish_item, lock_jobs, still_held
 from controller.work.lifecycle import finish
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,11 @@ def _event_row(op: AddEvent) -> dict[str, Any]:
         at=op.at,
         details=op.details,
     )
+
+
+def _jobs_ended_or_their_items(group: list[Batch]) -> set[int]:
+    """The jobs whose row or work items these batches update: locked first (lock_jobs)."""
+    return {op.job_id for b in group for op in b.ops if isinstance(op, (FinishJob, FinishItem))}
 
 
 def _apply_op(s: Session, op: Op) -> bool:
@@ -392,6 +397,7 @@ class Outbox:
         gathered and inserted together (one executemany) before any other kind of operation
         and at the end, so the event log keeps the order they were recorded in."""
         with unit_of_work(self._factory) as s:
+            lock_jobs(s, _jobs_ended_or_their_items(group))
             events: list[dict[str, Any]] = []
             for batch in group:
                 if batch.journaled:

@@ -193,6 +193,23 @@ def still_held(session: Session, item_id: int, owner: str, epoch: int) -> bool:
     return session.scalar(select(JobHost.id).where(*_held(item_id, owner, epoch))) is not None
 
 
+def lock_jobs(session: Session, job_ids: set[int]) -> None:
+    """The one lock order of a job and its work items: the job's row first, then its items'.
+
+    The claim, an abort and the lease renewal take them in that order; a transaction that ends
+    an item and then its job (the outbox) takes the job's row first through this, or it and a
+    renewal of the same job could each wait for the other (PostgreSQL: deadlock detected).
+    FOR NO KEY UPDATE is the lock an UPDATE takes: it does not delay the key-share locks that
+    inserting the job's events takes. SQLite locks the whole database: nothing to do."""
+    if job_ids:
+        session.execute(
+            select(Job.id)
+            .where(Job.id.in_(sorted(job_ids)))
+            .order_by(Job.id)
+            .with_for_update(key_share=True)
+        ).all()
+
+
 def renew(
     session: Session, lease: Lease, lease_seconds: float, now: datetime
 ) -> tuple[Lease | None, bool]:

@@ -6,11 +6,19 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from controller.cycle.outbox import AddEvent, Batch, Outbox, ResolveIntent, UpdateGuest
+from controller.cycle.outbox import (
+    AddEvent,
+    Batch,
+    FinishItem,
+    FinishJob,
+    Outbox,
+    ResolveIntent,
+    UpdateGuest,
+)
 from controller.store.db import make_engine, make_session_factory, unit_of_work
-from controller.store.models import Event, Job, JournalBatch, PauseIntent
+from controller.store.models import Event, Job, JobHost, JournalBatch, PauseIntent
 from tests.conftest import migrated
 
 UNREACHABLE = "sqlite:////nonexistent-dir/maintctl.db"  # "unable to open database file"
@@ -129,3 +137,48 @@ def test_a_hold_keeps_the_writer_quiet_until_released_or_run_out(db_url, tmp_pat
         assert _events(factory, job_id) == ["held", "after the hold ran out"]
     finally:
         outbox.close()
+
+
+def test_ending_an_item_and_its_job_locks_the_job_first_as_a_lease_renewal_does(
+    pg_url, tmp_path
+) -> None:
+    """A renewal updates the job's row, then its items'; the outbox ends an item, then its job.
+    Taken in opposite orders, each waited for the other and PostgreSQL aborted one (seen in the
+    30-minute soak: 'deadlock detected' on a lease renewal). Now the outbox waits for the job's
+    row before it touches the item, and the renewal goes through at once."""
+    factory = migrated(pg_url)
+    job_id = _job(factory)
+    with unit_of_work(factory) as s:
+        item = JobHost(job_id=job_id, host="h1", state="running", owner="r1", epoch=1)
+        s.add(item)
+        s.flush()
+        item_id = item.id
+    outbox = Outbox(factory, tmp_path / "journal")
+    renewal = factory()
+    try:
+        # The renewal's first statement: the job's row.
+        renewal.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=_now()))
+        outbox.submit(
+            FinishItem(item_id, job_id, "h1", "r1", 1, "done", _now()),
+            FinishJob(job_id, "succeeded", _now()),
+        )
+        time.sleep(0.3)  # the writer now waits (before: it held the item; deadlock_timeout 1 s)
+        started = time.monotonic()
+        # Its second: the item's row. Before, the writer held it: deadlock after 1 s.
+        held = renewal.execute(
+            update(JobHost)
+            .where(JobHost.id == item_id, JobHost.owner == "r1")
+            .values(lease_expires_at=_now())
+            .returning(JobHost.id)
+        ).all()
+        waited = time.monotonic() - started
+        renewal.commit()
+    finally:
+        renewal.close()
+    assert held == [(item_id,)]
+    assert waited < 0.5, f"the renewal waited {waited:.2f} s for the item's row"
+    assert outbox.drain(timeout=10)
+    with unit_of_work(factory) as s:
+        assert s.get_one(JobHost, item_id).state == "done"
+        assert s.get_one(Job, job_id).state == "succeeded"
+    assert outbox.close() == 0
