@@ -39,10 +39,14 @@ class _Threads:
                 slot.append(work)
                 wake.set()
                 return
-        threading.Thread(target=self._loop, args=(work,), name=name, daemon=True).start()
+        # The first call is handed over in the slot, not as the thread's argument: a Thread keeps
+        # its arguments until its target returns, which for this loop is the thread's whole life
+        # (found by the soak: each thread kept its first call's libvirt connection after the
+        # daemon died, with the connection's event fd and memory).
+        threading.Thread(target=self._loop, args=([work],), name=name, daemon=True).start()
 
-    def _loop(self, work: Callable[[], None]) -> None:
-        wake, slot = threading.Event(), list[Callable[[], None]]()
+    def _loop(self, slot: list[Callable[[], None]]) -> None:
+        wake, work = threading.Event(), slot.pop()
         while True:
             work()
             # Idle, the thread keeps nothing of its last call: not its result, not what its
@@ -110,8 +114,20 @@ class SerialCalls:
     """
 
     def __init__(self) -> None:
+        # Only the calls in flight: a call's entry goes when it returns, so a key (a guest) that
+        # is gone keeps nothing, nor does an idle one keep its last result or exception.
         self._inflight: dict[Hashable, tuple[Future[object], float, str]] = {}
         self._lock = threading.Lock()
+
+    def _returned(self, key: Hashable, future: Future[object]) -> None:
+        with self._lock:
+            held = self._inflight.get(key)
+            if held is not None and held[0] is future:
+                del self._inflight[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._inflight)
 
     def in_flight(self, key: Hashable) -> bool:
         with self._lock:
@@ -152,6 +168,8 @@ class SerialCalls:
                     f"{what}: an earlier call on this guest ({held[2]}, {age:.1f} s ago) is still "
                     f"in flight after {timeout:g} s"
                 ) from None
+        # Outside the lock: a call already done runs this at once, in this thread.
+        future.add_done_callback(partial(self._returned, key))
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:

@@ -366,7 +366,23 @@ class LibvirtHost:
                 continue  # undefined between the listing and the lookup
             except FutureTimeout:
                 guests.append(self._unresponsive(dom))
+        self._drop_gone({g.uuid for g in guests})
         return guests
+
+    def _drop_gone(self, listed: set[str]) -> None:
+        """A guest that is no longer defined keeps no connection or handle here: over months a
+        host's guests come and go. A call in flight keeps its connection until it returns."""
+        with self._lock:
+            for uuid in [u for u in self._ops if u not in listed]:
+                if not self._lanes.in_flight(uuid):
+                    del self._ops[uuid]
+            for key in [k for k in self._domains if k[1] not in listed]:
+                del self._domains[key]
+
+    def held(self) -> tuple[int, int, int]:
+        """(guest connections, guest handles, calls in flight) held: what the soak reads."""
+        with self._lock:
+            return len(self._ops), len(self._domains), len(self._lanes)
 
     @staticmethod
     def _unresponsive(dom: libvirt.virDomain) -> GuestInfo:
