@@ -9,7 +9,8 @@ apply, verify), some with a notice that the guests' hooks approve, some approved
 guest through the metadata listener. Meanwhile, at times drawn from --seed, it injects one
 fault after another (bench/soak_faults.py: libvirtd killed early or late in a job, the
 controller killed with -9 or stopped with SIGTERM and started again, PostgreSQL restarted, a
-guest's QEMU stopped past the budget, a guest agent hung). An independent witness
+guest's QEMU stopped past the budget, a guest agent hung); the controller's restarts only in
+the run's first third, so that the last two thirds are one controller's life. An independent witness
 (tests/faults/bed.py's Sampler) reads every guest's state every 50 ms, and every
 --sample-seconds the bench measures the controller's, its listener's and the guardians'
 memory, threads, descriptors and libvirt connections, and the database's size and events per
@@ -21,8 +22,9 @@ At the end it waits for everything to settle and checks:
   jobs      every submitted job reached a terminal state, with its events and every guest settled
   intents   no pause intent is left open
   growth    nothing grows: a least-squares slope over the last two thirds of the run, fitted
-            within each controller process past its first minute: RSS below 2 MB per 10 min,
-            threads, descriptors and libvirt connections below 1 per 10 min
+            within each controller process past its five-minute warm-up, and per guardian:
+            RSS below 2 MB per 10 min, threads, descriptors, libvirt connections and guardians
+            alive below 1 per 10 min; a run of 30 minutes or more must fit every figure
   leftovers no guardian process is left once every guest runs
 It prints the counts and tables, and exits 1 if a check failed.
 """
@@ -51,6 +53,7 @@ from sqlalchemy import func, select
 from bench.fleet import scratch_database
 from bench.soak_faults import KINDS, Fault, Injector
 from bench.soak_resources import (
+    JUDGED_FROM_SECONDS,
     MIN_FLOORS,
     Recorder,
     Sample,
@@ -439,6 +442,11 @@ def judge(
     intents = open_intents(db_url)
     guardians = recorder.samples[-1].processes["guardians"].processes
     growing = [s for s in fits if not s.ok]
+    # A run long enough to fit must fit every figure: one that could not be (its process was
+    # replaced too late, or faults covered its minutes) is a failed check, not a pass.
+    unjudged = (
+        [s for s in fits if s.per_10_min is None] if minutes * 60 >= JUDGED_FROM_SECONDS else []
+    )
     checks = [
         Check(
             "pauses",
@@ -455,9 +463,10 @@ def judge(
         Check("intents", intents == 0, f"{intents} open"),
         Check(
             "growth",
-            not growing,
+            not growing and not unjudged,
             "; ".join(f"{s.role} {s.figure} {s.per_10_min:+.2f}/10 min" for s in growing)
-            if growing
+            + "".join(f"; {s.role} {s.figure} not fitted ({s.points} minutes)" for s in unjudged)
+            if growing or unjudged
             else "flat"
             if any(s.per_10_min is not None for s in fits)
             else f"not judged: fewer than {MIN_FLOORS} minutes to fit",

@@ -36,6 +36,10 @@ KINDS = (
     "qemu-stopped",  # one paused guest's QEMU SIGSTOPped past the budget, then SIGCONT
     "agent-hung",  # one guest's agent SIGSTOPped inside the guest for 5-20 s
 )
+# The faults that replace the controller process. They come only in the run's first third: the
+# growth check fits each process over the last two thirds, and a controller started again starts
+# from its own baseline, so a restart there would hide the very growth it is meant to show.
+RESTARTS = ("controller-kill9", "controller-sigterm")
 # These make a resume impossible while they last: libvirtd away (every guest), a stopped QEMU
 # (its guest). A pause they stretch past its budget must end within BACK_WITHIN of their end.
 BLOCKING = {"libvirtd-early": "all", "libvirtd-late": "all", "qemu-stopped": "guest"}
@@ -85,25 +89,39 @@ class Injector:
     _stop: threading.Event = field(default_factory=threading.Event)
     _end: float = 0.0
 
-    def schedule(self, start: float, end: float) -> Callable[[], tuple[float, str] | None]:
+    def schedule(
+        self, start: float, end: float, restarts_until: float | None = None
+    ) -> Callable[[], tuple[float, str] | None]:
         """The seed's next fault (when, kind): kinds drawn from a shuffled bag, so that each
-        kind comes once before any comes twice."""
+        kind comes once before any comes twice; the controller's restarts (RESTARTS) only
+        before `restarts_until`, and the restarts first in the bag, so that a run long enough
+        for a fit has each of them."""
         rng = random.Random(f"{self.seed}-faults")
         bag: list[str] = []
         at = [start]
+        first = [True]
 
         def following() -> tuple[float, str] | None:
             at[0] += rng.uniform(*self.every)
-            if not bag:
-                bag.extend(rng.sample(self.kinds, len(self.kinds)))
-            kind = bag.pop(0)
+            late = restarts_until is not None and at[0] >= restarts_until
+            allowed = [k for k in self.kinds if not (late and k in RESTARTS)]
+            if not allowed:
+                return None
+            if not any(k in allowed for k in bag):
+                bag[:] = rng.sample(allowed, len(allowed))
+                if first[0] and restarts_until is not None:  # the restarts while they may come
+                    bag.sort(key=lambda k: k not in RESTARTS)
+                first[0] = False
+            kind = next(k for k in bag if k in allowed)
+            bag.remove(kind)
             return None if at[0] > end else (at[0], kind)
 
         return following
 
     def run(self, start: float, end: float) -> None:
-        """Inject until `end` (monotonic); a fault is not begun in its last 15 s."""
-        following = self.schedule(start, end - 15)
+        """Inject until `end` (monotonic); a fault is not begun in its last 15 s. The
+        controller's restarts come in the first third only (RESTARTS)."""
+        following = self.schedule(start, end - 15, restarts_until=start + (end - start) / 3)
         self._end = end
         n, free = 0, start
         while (nxt := following()) is not None:

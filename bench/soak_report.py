@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.soak_faults import KINDS
-from bench.soak_resources import FIGURES, ROLES
+from bench.soak_resources import FIGURES, ROLES, ProcessFigures
 
 if TYPE_CHECKING:
     from bench.soak import Result
@@ -126,6 +126,14 @@ PANELS = (
 )
 
 
+def _each(figures: ProcessFigures, figure: str, role: str) -> float:
+    """As judged: the guardians per guardian alive (none alive: no point)."""
+    value = float(getattr(figures, figure))
+    if role != "guardians":
+        return value
+    return value / figures.processes if figures.processes else float("nan")
+
+
 def plot(result: Result, path: Path) -> None:
     import matplotlib
 
@@ -140,9 +148,10 @@ def plot(result: Result, path: Path) -> None:
     for ax, (figure, title) in zip(axes.flat, PANELS, strict=True):
         if figure in FIGURES:
             for role in ROLES:
-                ys = [float(getattr(s.processes[role], figure)) for s in result.samples]
+                ys = [_each(s.processes[role], figure, role) for s in result.samples]
                 fit = slope_of[(role, figure)].per_10_min
-                label = role if fit is None else f"{role} ({fit:+.2f} / 10 min)"
+                name = "a guardian" if role == "guardians" else role
+                label = name if fit is None else f"{name} ({fit:+.2f} / 10 min)"
                 ax.plot(minutes, ys, marker=".", markersize=3, linewidth=0.8, label=label)
             ax.legend(fontsize=7, loc="upper left")
         else:
