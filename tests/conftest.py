@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -152,9 +153,22 @@ class Harness:
         return self.ctx.session_factory
 
 
+_JOURNAL_DIRS: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _journal_dirs_removed() -> Iterator[None]:
+    """The journals' directories with_database made, removed when the session ends (each run
+    left hundreds of empty ones in /tmp)."""
+    yield
+    for directory in _JOURNAL_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def with_database(settings: Settings, url: str) -> Settings:
     """The settings pointed at `url`, with an outbox journal of their own (never the cwd's)."""
-    journal = Path(tempfile.mkdtemp(prefix="maintctl-journal-")) / "maintctl.journal"
+    _JOURNAL_DIRS.append(Path(tempfile.mkdtemp(prefix="maintctl-journal-")))
+    journal = _JOURNAL_DIRS[-1] / "maintctl.journal"
     return settings.model_copy(update={"database": DatabaseSettings(url=url, journal_path=journal)})
 
 
