@@ -27,6 +27,7 @@ from controller.decisions.refresh_plan import (
     RefreshPlan,
     plan_refresh,
     predicted_seconds,
+    save_limit,
 )
 from controller.decisions.verdicts import HostResult, Warn
 from controller.errors import HypervisorError
@@ -34,8 +35,7 @@ from controller.hosts.hypervisor import Hypervisor
 from controller.hosts.machine import Machine
 from controller.settings import RunbookConfig
 
-# A save is given this many times its prediction (within the budget) before it is aborted.
-SAVE_SLACK = 3.0
+# A restore that fails is tried this many times before its image is kept and the job fails.
 RESTORE_ATTEMPTS = 3
 
 
@@ -190,7 +190,7 @@ def _refresh_one(
     c = g.candidate
     old_version = None if g.old_pid is None else machine.qemu_version(str(g.old_pid))
     predicted = plan.predicted_s.get(c.uuid, 1.0)
-    limit = max(1.0, min(predicted * SAVE_SLACK, budget_at - time.monotonic()))
+    limit = save_limit(predicted, budget_at - time.monotonic())
     started = time.monotonic()
     done.images[c.uuid] = g.path
     try:

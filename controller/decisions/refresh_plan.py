@@ -49,6 +49,20 @@ def predicted_seconds(memory_bytes: int, seconds_per_gib: float) -> float:
     return max(memory_bytes, 1) / GIB * seconds_per_gib
 
 
+# A save in flight is aborted after three times its prediction, but never sooner than this: a
+# save's fixed cost (QEMU's migration setup, its process ending, libvirt reaping it: 1.2-2.0 s of
+# reaping alone on the test machine) does not shrink with the guest's memory, and a small guest
+# predicted from a large one's seconds per GiB would be aborted as its save completes.
+SAVE_SLACK = 3.0
+SAVE_FLOOR_SECONDS = 5.0
+
+
+def save_limit(predicted_s: float, remaining_s: float) -> float:
+    """How long a save may take: its slack over the prediction, at least the floor, never past
+    what is left of the budget (and at least 1 s, so that a save is ever tried)."""
+    return max(1.0, min(max(predicted_s * SAVE_SLACK, SAVE_FLOOR_SECONDS), remaining_s))
+
+
 def wanted(mode: RefreshMode, guests: list[Candidate]) -> list[Candidate]:
     if mode is RefreshMode.NEVER:
         return []

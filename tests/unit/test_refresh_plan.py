@@ -73,3 +73,14 @@ def test_predictions_grow_with_memory_and_are_never_zero():
     assert predicted_seconds(256 * MIB, 10.0) == 2.5
     assert predicted_seconds(0, 10.0) > 0
     assert image_bytes(128 * MIB) == 160 * MIB
+
+
+def test_a_save_limit_has_a_floor_for_small_guests_and_never_passes_the_budget() -> None:
+    from controller.decisions.refresh_plan import SAVE_FLOOR_SECONDS, save_limit
+
+    # A 128 MiB guest predicted at 0.4 s from a large guest's seconds per GiB: before, 1.2 s,
+    # less than this machine's reaping alone; now the floor.
+    assert save_limit(0.4, 25.0) == SAVE_FLOOR_SECONDS
+    assert save_limit(4.0, 25.0) == 12.0  # three times its prediction
+    assert save_limit(4.0, 7.5) == 7.5  # never past the budget
+    assert save_limit(4.0, 0.2) == 1.0  # but a save, once begun, gets a second
