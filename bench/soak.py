@@ -52,15 +52,15 @@ from sqlalchemy import func, select
 
 from bench.fleet import scratch_database
 from bench.soak_faults import KINDS, Fault, Injector
+from bench.soak_report import plot, report
 from bench.soak_resources import (
     JUDGED_FROM_SECONDS,
     MIN_FLOORS,
     Recorder,
-    Sample,
-    Slope,
     measure_processes,
     slopes,
 )
+from bench.soak_result import Check, Pauses, Result, Submitted
 from controller.store.db import make_engine, make_session_factory, unit_of_work
 from controller.store.models import PauseIntent
 from controller.work.guest_documents import guest_token
@@ -113,18 +113,6 @@ def job_body(kind: str, rng: random.Random) -> dict[str, Any]:
 
 
 # --- the jobs ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Submitted:
-    n: int
-    kind: str
-    id: int | None = None
-    state: str | None = None  # as the driver last saw it
-    approved: bool = False  # by the soak, through the listener
-    error: str | None = None
-    outcome: str | None = None  # state (reason), read from the database at the end
-    events: list[str] = field(default_factory=list)  # kept for every job but a plain success
 
 
 @dataclass
@@ -202,24 +190,6 @@ class Driver:
 
 
 # --- the checks ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class Pauses:
-    count: int = 0
-    within_budget: int = 0
-    stretched: int = 0  # past the budget while a fault made resuming impossible, yet in time
-    violations: list[str] = field(default_factory=list)
-    longest_s: float = 0.0
-    longest_within_budget_s: float = 0.0
-    latest_after_fault_s: float | None = None  # running after the end of the fault stretching it
 
 
 def judge_pauses(witness: Sampler, faults: list[Fault], started: float) -> Pauses:
@@ -304,25 +274,6 @@ def open_intents(db_url: str) -> int:
 
 
 # --- one soak ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    minutes: float
-    seed: int
-    guests: list[str]
-    jobs: list[Submitted]
-    outcomes: dict[str, dict[str, int]]  # job kind -> outcome -> count
-    faults: list[dict[str, Any]]
-    pauses: Pauses
-    slopes: list[Slope]
-    samples: list[Sample]
-    checks: list[Check]
-    settle_s: float
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
 
 
 @contextmanager
@@ -522,7 +473,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.pause import boot_guests
-    from bench.soak_report import plot, report
 
     args = parse(argv)
     kinds = tuple(args.faults.split(","))

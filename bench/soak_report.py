@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bench.soak_faults import KINDS
 from bench.soak_resources import FIGURES, ROLES, ProcessFigures
-
-if TYPE_CHECKING:
-    from bench.soak import Result
+from bench.soak_result import Result
 
 
 def _table(heads: list[str], rows: list[list[object]]) -> str:
