@@ -83,6 +83,8 @@ RECONNECT_BACKOFF_MAX = 2.0
 ABANDONED_BEFORE_NEW_CONNECTION = 2
 # How long a listing waits for one guest's inspection before calling it unresponsive.
 INSPECT_SECONDS = 1.0
+# A guest missing from its host's listings this long is gone: its connection is closed.
+GONE_AFTER_SECONDS = 60.0
 
 _events_lock = threading.Lock()
 _events_running = False
@@ -250,6 +252,8 @@ class LibvirtHost:
         self._lanes = SerialCalls()  # one operation per guest in flight
         self._lock = threading.Lock()
         self._domains: dict[tuple[int, str], tuple[libvirt.virConnect, libvirt.virDomain]] = {}
+        self._missing_since: dict[str, float] = {}  # guest with a connection -> first missed
+        self.gone_after = GONE_AFTER_SECONDS
 
     def _domain(self, link: _Link, uuid: str) -> tuple[libvirt.virConnect, libvirt.virDomain]:
         """The guest's handle, looked up once per connection: every later call on it is one
@@ -371,11 +375,19 @@ class LibvirtHost:
 
     def _drop_gone(self, listed: set[str]) -> None:
         """A guest that is no longer defined keeps no connection or handle here: over months a
-        host's guests come and go. A call in flight keeps its connection until it returns."""
+        host's guests come and go. Its connection goes once it has been missing from the
+        listings for GONE_AFTER_SECONDS (a transient guest saved for a QEMU refresh is missing
+        for seconds, and its restore should not pay for a new connection inside the pause),
+        and never while a call on it is in flight."""
+        now = time.monotonic()
         with self._lock:
+            for uuid in list(self._missing_since):
+                if uuid in listed or uuid not in self._ops:
+                    del self._missing_since[uuid]
             for uuid in [u for u in self._ops if u not in listed]:
-                if not self._lanes.in_flight(uuid):
-                    del self._ops[uuid]
+                since = self._missing_since.setdefault(uuid, now)
+                if now - since >= self.gone_after and not self._lanes.in_flight(uuid):
+                    del self._ops[uuid], self._missing_since[uuid]
             for key in [k for k in self._domains if k[1] not in listed]:
                 del self._domains[key]
 

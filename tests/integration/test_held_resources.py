@@ -87,6 +87,11 @@ def test_a_guest_that_is_gone_keeps_no_connection(test_driver, collector_off) ->
     doms[0].destroy()  # transient: undefined, gone
     doms[1].destroy()
     host.list_guests()
+    # Missing for a moment (a transient guest saved for a QEMU refresh): kept for its restore.
+    assert host.held()[0] == 3
+    host.gone_after = 0.2
+    time.sleep(0.25)
+    host.list_guests()
     connections, handles, in_flight = host.held()
     assert connections == 1, "the two guests that are gone still hold their connections"
     assert handles <= 2 and in_flight == 0
