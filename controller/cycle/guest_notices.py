@@ -85,7 +85,8 @@ def _text(data: bytes) -> str:
 
 class GuestNotices:
     """What both the publisher and the engine do in guests. One per process: it knows which
-    freeze hooks are running or ran here, so that a guest's hooks run once per event."""
+    freeze hooks are running or ran here, so that a guest's hooks run once per event, until the
+    event's job ended (the publisher's loop then forgets it, on every replica)."""
 
     def __init__(self, settings: MetadataSettings, agent_timeout: int) -> None:
         self.settings = settings
@@ -210,10 +211,18 @@ class GuestNotices:
         with self._lock:
             return (event_id, guest) in self._freezes
 
-    def forget(self, event_ids: set[str]) -> None:
+    def events_held(self) -> set[str]:
+        """The events whose freeze hooks ran here (runs still in progress not counted)."""
         with self._lock:
-            for key in [k for k in self._freezes if k[0] in event_ids]:
-                del self._freezes[key]
+            return {event for (event, _), done in self._freezes.items() if done.is_set()}
+
+    def forget(self, event_ids: set[str]) -> None:
+        """Forget the finished freeze runs of these events (their jobs ended): what this process
+        remembers stays as large as the work in progress, not as all the work it ever did."""
+        with self._lock:
+            for key in [k for k, done in self._freezes.items() if k[0] in event_ids]:
+                if self._freezes[key].is_set():
+                    del self._freezes[key]
 
 
 def freeze_ran(

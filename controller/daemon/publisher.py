@@ -10,6 +10,8 @@ Each pass (every `metadata.publish_interval_seconds`, and at once when poked):
   exiting 0 approve the event, which may end the notice early;
 - every few passes, while the metadata listener is on, every host's guests are listed with the
   addresses libvirt learned for them from outside the guest (who is asking, for the listener).
+On every replica, leader or not, every FORGET_SECONDS: the freeze runs this process remembers
+(so that a guest's hooks run once per event) are forgotten once their event's job ended.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from controller.cycle.guest_notices import HookRun, agentless, freeze_ran, recor
 from controller.cycle.runtime import Runtime
 from controller.decisions.guests import GuestInfo
 from controller.decisions.preflight import BusyGuestPolicy, classify_guests
-from controller.decisions.states import ItemState
+from controller.decisions.states import TERMINAL, ItemState
 from controller.errors import HypervisorError
 from controller.store.db import is_database_outage, unit_of_work
 from controller.store.guest_cache import record_guest_states
-from controller.store.models import Host, JobHost, utcnow
+from controller.store.models import Host, Job, JobHost, utcnow
 from controller.work import guest_documents as se
 
 log = logging.getLogger(__name__)
 
 ADDRESS_REFRESH_SECONDS = 10.0
+FORGET_SECONDS = 30.0
+FORGET_BATCH = 500
+ENDED = sorted(s.value for s in TERMINAL)
 
 
 class NoticePublisher:
@@ -55,6 +60,7 @@ class NoticePublisher:
         self._thread: threading.Thread | None = None
         self._hooks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="guest-hook")
         self._addresses_at = 0.0
+        self._forgot_at = time.monotonic()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="notice-publisher", daemon=True)
@@ -74,10 +80,14 @@ class NoticePublisher:
         while not self._stop.is_set():
             self._wake.wait(self.settings.publish_interval_seconds)
             self._wake.clear()
-            if self._stop.is_set() or not self.is_leader():
+            if self._stop.is_set():
                 continue
             try:
-                self.tick()
+                if self.is_leader():
+                    self.tick()
+                if time.monotonic() - self._forgot_at > FORGET_SECONDS:
+                    self._forgot_at = time.monotonic()
+                    self.forget_ended()
             except Exception as exc:
                 if is_database_outage(exc):
                     log.warning("Scheduled Events wait for the database: %s", exc)
@@ -119,6 +129,23 @@ class NoticePublisher:
         if listening and time.monotonic() - self._addresses_at > ADDRESS_REFRESH_SECONDS:
             self._addresses_at = time.monotonic()
             self._refresh_identities(uris)
+
+    def forget_ended(self) -> None:
+        """Forget the freeze runs of events whose jobs ended (or were pruned): on every replica,
+        leader or not, since the engine runs freeze hooks wherever it runs a host."""
+        held = sorted(self.ctx.notices.events_held())
+        live: set[str] = set()
+        for at in range(0, len(held), FORGET_BATCH):
+            batch = held[at : at + FORGET_BATCH]
+            with unit_of_work(self.ctx.session_factory, read_only=True) as s:
+                live.update(
+                    s.scalars(
+                        select(JobHost.event_id)
+                        .join(Job, Job.id == JobHost.job_id)
+                        .where(JobHost.event_id.in_(batch), Job.state.not_in(ENDED))
+                    )
+                )
+        self.ctx.notices.forget(set(held) - live)
 
     def _host_uris(self) -> dict[str, str]:
         with unit_of_work(self.ctx.session_factory, read_only=True) as s:

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from controller.cycle.guest_notices import GuestNotices, freeze_ran
+from controller.daemon.publisher import NoticePublisher
 from controller.daemon.service import Service
 from controller.hosts.libvirt_host import LibvirtHost
 from controller.store.db import unit_of_work
@@ -107,6 +108,13 @@ def test_document_before_the_pause_and_hooks_around_it(bed, bed_guests, harness)
         assert recorded == [("freeze", 0), ("thaw", 0)]
     # A hook's time is not the pause's: pause_ms is the runbook's 1 s plus the resume.
     assert all(1000 <= out.guests[n].pause_ms < 2000 for n in names)
+    # The process remembers the freeze runs until the job ended, then forgets them.
+    assert all(harness.ctx.notices.froze(event_id, n) for n in names)
+    publisher = NoticePublisher(harness.ctx, is_leader=lambda: True, on_approved=print)
+    publisher.forget_ended()
+    publisher.stop()
+    assert not any(harness.ctx.notices.froze(event_id, n) for n in names)
+    assert harness.ctx.notices.events_held() == set()
 
 
 def test_a_freeze_hook_that_succeeds_approves_the_notice(bed, bed_guests, harness):
