@@ -20,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
+from cli.heap import steady_heap
 from cli.metadata_listener import MetadataChild, raise_open_file_limit
 from controller.errors import ConfigError
 from controller.settings import ServerSettings, Settings
@@ -78,6 +79,7 @@ def reload_tls_on_hup(server: uvicorn.Server, settings: ServerSettings) -> None:
 
 
 def run(settings: Settings, *, config: Path | None, log_level: str) -> None:
+    steady_heap()  # before any thread starts
     raise_open_file_limit()
     tls_context(settings.server)  # refuse bad files before anything starts
     app = create_app(settings)
