@@ -392,7 +392,8 @@ class LibvirtHost:
                 del self._domains[key]
 
     def held(self) -> tuple[int, int, int]:
-        """(guest connections, guest handles, calls in flight) held: what the soak reads."""
+        """(guest connections, guest handles, calls in flight) held; read by
+        tests/integration/test_held_resources.py."""
         with self._lock:
             return len(self._ops), len(self._domains), len(self._lanes)
 
