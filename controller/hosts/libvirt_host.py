@@ -7,7 +7,6 @@ to the same guest's state waits for it rather than racing it.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -31,6 +30,7 @@ from controller.errors import (
     HypervisorError,
     Unsupported,
 )
+from controller.hosts import guest_agent
 from controller.hosts.deadlines import SerialCalls, call_with_deadline, start_call
 from controller.hosts.guardian import constant_names, ours, state_names
 from controller.hosts.hypervisor import METADATA_NAMESPACE, GuestExec
@@ -596,88 +596,15 @@ class LibvirtHost:
         return json.loads(out).get("return")
 
     def guest_exec(self, uuid: str, argv: list[str], timeout_seconds: float) -> GuestExec:
-        started = time.monotonic()
         agent_timeout = max(1, min(int(timeout_seconds), int(self.call_timeout)))
-        command: dict[str, Any] = {
-            "execute": "guest-exec",
-            "arguments": {"path": argv[0], "arg": argv[1:], "capture-output": True},
-        }
-        pid = self._agent(uuid, command, agent_timeout)["pid"]
-        status: dict[str, Any] = {}
-        delay = 0.02
-        while True:
-            status = self._agent(
-                uuid,
-                {"execute": "guest-exec-status", "arguments": {"pid": pid}},
-                agent_timeout,
-            )
-            if status.get("exited"):
-                break
-            if time.monotonic() - started > timeout_seconds:
-                return GuestExec(None, b"", b"", time.monotonic() - started, timed_out=True)
-            time.sleep(delay)
-            delay = min(0.2, delay * 2)
-        return GuestExec(
-            int(status["exitcode"]) if "exitcode" in status else -1,  # -1: killed by a signal
-            base64.b64decode(status.get("out-data", "")),
-            base64.b64decode(status.get("err-data", "")),
-            time.monotonic() - started,
-        )
+        return guest_agent.run(partial(self._agent, uuid), argv, timeout_seconds, agent_timeout)
 
     def write_guest_file(self, uuid: str, path: str, data: bytes, timeout_seconds: int) -> None:
-        """Write `path` in the guest atomically: a temporary file beside it, then a rename."""
-        directory = path.rpartition("/")[0] or "/"
-        temporary = f"{path}.maintctl-tmp"
-        made = self.guest_exec(uuid, ["/bin/mkdir", "-p", directory], timeout_seconds)
-        if made.exit_code != 0:
-            raise HypervisorError(f"mkdir {directory} in guest {uuid}: {made.stderr[:200]!r}")
-        handle = self._agent(
-            uuid,
-            {"execute": "guest-file-open", "arguments": {"path": temporary, "mode": "w"}},
-            timeout_seconds,
-        )
-        try:
-            self._agent(
-                uuid,
-                {
-                    "execute": "guest-file-write",
-                    "arguments": {"handle": handle, "buf-b64": base64.b64encode(data).decode()},
-                },
-                timeout_seconds,
-            )
-        finally:
-            self._agent(
-                uuid,
-                {"execute": "guest-file-close", "arguments": {"handle": handle}},
-                timeout_seconds,
-            )
-        moved = self.guest_exec(uuid, ["/bin/mv", "-f", temporary, path], timeout_seconds)
-        if moved.exit_code != 0:
-            raise HypervisorError(f"rename to {path} in guest {uuid}: {moved.stderr[:200]!r}")
+        run = partial(self.guest_exec, uuid)
+        guest_agent.write_file(partial(self._agent, uuid), run, path, data, timeout_seconds)
 
     def read_guest_file(self, uuid: str, path: str, timeout_seconds: int) -> bytes:
-        handle = self._agent(
-            uuid,
-            {"execute": "guest-file-open", "arguments": {"path": path, "mode": "r"}},
-            timeout_seconds,
-        )
-        data = b""
-        try:
-            while True:
-                chunk = self._agent(
-                    uuid,
-                    {"execute": "guest-file-read", "arguments": {"handle": handle, "count": 65536}},
-                    timeout_seconds,
-                )
-                data += base64.b64decode(chunk.get("buf-b64", ""))
-                if chunk.get("eof") or not chunk.get("count"):
-                    return data
-        finally:
-            self._agent(
-                uuid,
-                {"execute": "guest-file-close", "arguments": {"handle": handle}},
-                timeout_seconds,
-            )
+        return guest_agent.read_file(partial(self._agent, uuid), path, timeout_seconds)
 
     def guest_addresses(
         self, uuid: str, *, sources: tuple[str, ...], filters: frozenset[str] | None
