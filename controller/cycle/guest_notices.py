@@ -220,9 +220,9 @@ class GuestNotices:
         """Forget the finished freeze runs of these events (their jobs ended): what this process
         remembers stays as large as the work in progress, not as all the work it ever did."""
         with self._lock:
-            for key in [k for k, done in self._freezes.items() if k[0] in event_ids]:
-                if self._freezes[key].is_set():
-                    del self._freezes[key]
+            finished = [k for k, done in self._freezes.items() if done.is_set()]
+            for key in [k for k in finished if k[0] in event_ids]:
+                del self._freezes[key]
 
 
 def freeze_ran(

@@ -110,7 +110,7 @@ def test_document_before_the_pause_and_hooks_around_it(bed, bed_guests, harness)
     assert all(1000 <= out.guests[n].pause_ms < 2000 for n in names)
     # The process remembers the freeze runs until the job ended, then forgets them.
     assert all(harness.ctx.notices.froze(event_id, n) for n in names)
-    publisher = NoticePublisher(harness.ctx, is_leader=lambda: True, on_approved=print)
+    publisher = NoticePublisher(harness.ctx, is_leader=lambda: True, on_approved=lambda job: None)
     publisher.forget_ended()
     publisher.stop()
     assert not any(harness.ctx.notices.froze(event_id, n) for n in names)
